@@ -1,0 +1,145 @@
+"""Hutchinson's estimate of the Hessian diagonal, usable without the optimizer.
+
+For a Rademacher vector z (entries ±1), E[z ⊙ Hz] = diag(H): the off-diagonal
+terms cancel in expectation because E[z_i z_j] = 0 for i ≠ j and z_i² = 1.  The
+Hessian-vector product Hz comes from differentiating g·z, where g is a gradient
+built with ``create_graph=True``; it costs about one more backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "ProbeGenerator",
+    "rademacher_like",
+    "hessian_vector_products",
+    "hutchinson_diagonal",
+    "block_average",
+]
+
+
+class ProbeGenerator:
+    """One ``torch.Generator`` per device, all seeded alike, never the global RNG.
+
+    Keeping the probes off the global RNG means that switching optimizers does
+    not change dropout masks or data order, and that the probe stream can be
+    saved in a checkpoint and resumed exactly.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending_states: dict[str, torch.Tensor] = {}
+
+    def for_device(self, device: torch.device) -> torch.Generator:
+        key = str(torch.device(device))
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            if key in self._pending_states:
+                gen.set_state(self._pending_states.pop(key))
+            self._generators[key] = gen
+        return gen
+
+    def state_dict(self) -> dict:
+        states = dict(self._pending_states)
+        states.update({k: g.get_state() for k, g in self._generators.items()})
+        return {"seed": self.seed, "states": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self._generators.clear()
+        # Generators are made lazily on first use, on whatever device the
+        # parameters then live: a state saved for "cuda:0" waits until then.
+        self._pending_states = {k: v.detach().cpu().to(torch.uint8) for k, v in state["states"].items()}
+
+
+def rademacher_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A tensor of ±1 with the shape, dtype and device of ``t``."""
+    z = torch.randint(0, 2, t.shape, generator=generator, device=t.device, dtype=torch.int8)
+    return z.to(t.dtype).mul_(2).sub_(1)
+
+
+def hessian_vector_products(
+    grads: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    vectors: Sequence[torch.Tensor],
+    retain_graph: bool = False,
+) -> list[torch.Tensor | None]:
+    """Hv for each parameter, differentiating ``sum(g·v)`` through the grads' graph.
+
+    ``grads`` must have been made with ``create_graph=True``.  A parameter that
+    the gradients do not depend on gets ``None`` (its Hessian block is zero).
+    """
+    return list(
+        torch.autograd.grad(
+            outputs=list(grads),
+            inputs=list(params),
+            grad_outputs=list(vectors),
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    )
+
+
+def hutchinson_diagonal(
+    grads: Sequence[torch.Tensor | None],
+    params: Sequence[torch.Tensor],
+    probes: ProbeGenerator,
+    n_samples: int = 1,
+    scale: float = 1.0,
+) -> list[torch.Tensor]:
+    """Mean over ``n_samples`` probes of z ⊙ Hz / scale, in fp32, one tensor per parameter.
+
+    The sign is kept: across micro-batches or processes the estimates are summed
+    before the absolute value is taken, as for one large batch.  Every parameter
+    gets a probe (drawn in order) even when its gradient carries no graph, so the
+    probe stream does not depend on which parameters happen to have a Hessian
+    path; those parameters get an estimate of zero.
+    """
+    estimates = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    for sample in range(n_samples):
+        zs = [rademacher_like(p, probes.for_device(p.device)) for p in params]
+        if not live:
+            continue
+        hvs = hessian_vector_products(
+            [grads[i] for i in live],
+            [params[i] for i in live],
+            [zs[i] for i in live],
+            retain_graph=sample < n_samples - 1,
+        )
+        for i, hv in zip(live, hvs):
+            if hv is not None:
+                estimates[i].addcmul_(zs[i].float(), hv.float(), value=1.0 / (n_samples * scale))
+    return estimates
+
+
+def block_average(d: torch.Tensor, block_size: int = 1, average_conv_kernel: bool = True) -> torch.Tensor:
+    """Average a Hessian-diagonal estimate over the blocks that share a curvature.
+
+    Conv kernels (4-D) are averaged over their spatial dims; then any tensor of
+    two or more dims is averaged over contiguous blocks of ``block_size`` along
+    its last dim, the last block being shorter when the size does not divide.
+    Smoothing over blocks lowers the variance of a one-probe estimate, which is
+    why the authors' transformer recipe used blocks of 32.
+    """
+    if d.dim() == 4 and average_conv_kernel:
+        d = d.mean(dim=(2, 3), keepdim=True).expand_as(d)
+    if d.dim() < 2 or block_size <= 1 or d.shape[-1] <= 1:
+        return d
+    n = d.shape[-1]
+    full = (n // block_size) * block_size
+    parts = []
+    if full:
+        head = d[..., :full].reshape(*d.shape[:-1], full // block_size, block_size)
+        parts.append(head.mean(dim=-1, keepdim=True).expand_as(head).reshape(*d.shape[:-1], full))
+    if full < n:
+        tail = d[..., full:]
+        parts.append(tail.mean(dim=-1, keepdim=True).expand_as(tail))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
