@@ -1,0 +1,55 @@
+"""Run a stock script with ``--optim adahessian`` working, unmodified.
+
+    python -m hf_adahessian.launch run_glue.py --optim adahessian ...
+    accelerate launch -m hf_adahessian.launch run_glue.py --optim adahessian ...
+
+The script's ``from transformers import Trainer, TrainingArguments`` (and the
+Seq2Seq pair) resolve to the AdaHessian subclasses, which behave exactly as the
+stock classes for every other ``--optim``.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+import transformers
+
+from .arguments import AdaHessianSeq2SeqTrainingArguments, AdaHessianTrainingArguments
+from .trainer import AdaHessianSeq2SeqTrainer, AdaHessianTrainer
+
+SUBSTITUTES = {
+    "Trainer": AdaHessianTrainer,
+    "TrainingArguments": AdaHessianTrainingArguments,
+    "Seq2SeqTrainer": AdaHessianSeq2SeqTrainer,
+    "Seq2SeqTrainingArguments": AdaHessianSeq2SeqTrainingArguments,
+}
+
+
+def substitute_classes() -> None:
+    """Point ``transformers.Trainer`` & co. at the AdaHessian subclasses."""
+    for name, cls in SUBSTITUTES.items():
+        setattr(transformers, name, cls)
+
+
+USAGE = "usage: python -m hf_adahessian.launch SCRIPT.py [SCRIPT ARGS ...]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\n" + __doc__.strip(), file=sys.stderr if not argv else sys.stdout)
+        raise SystemExit(0 if argv else 2)
+    script = argv[0]
+    substitute_classes()
+    sys.argv = [script, *argv[1:]]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except FileNotFoundError as err:
+        if err.filename == script:
+            raise SystemExit(f"error: script not found: {script}") from None
+        raise
+
+
+if __name__ == "__main__":
+    main()
