@@ -10,6 +10,7 @@ stock classes for every other ``--optim``.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
@@ -41,14 +42,11 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE + "\n\n" + __doc__.strip(), file=sys.stderr if not argv else sys.stdout)
         raise SystemExit(0 if argv else 2)
     script = argv[0]
+    if not os.path.isfile(script):
+        raise SystemExit(f"error: script not found: {script}\n{USAGE}")
     substitute_classes()
     sys.argv = [script, *argv[1:]]
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except FileNotFoundError as err:
-        if err.filename == script:
-            raise SystemExit(f"error: script not found: {script}") from None
-        raise
+    runpy.run_path(script, run_name="__main__")
 
 
 if __name__ == "__main__":
