@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import models as tokenizer_models
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
@@ -75,7 +76,7 @@ def _dims(model_type: str, size: str) -> dict:
 def _train_wordpiece(texts: list[str], vocab_size: int) -> tuple[Tokenizer, dict]:
     """An uncased BERT tokenizer: [CLS] A [SEP] (B [SEP]) with token types."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok = Tokenizer(tokenizer_models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
@@ -97,7 +98,7 @@ def _train_seq2seq(model_type: str, texts: list[str], vocab_size: int) -> tuple[
     if model_type == "bart":
         # Byte-level BPE as RoBERTa/BART: no unknown characters, <s> A </s>.
         specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok = Tokenizer(tokenizer_models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
@@ -115,7 +116,7 @@ def _train_seq2seq(model_type: str, texts: list[str], vocab_size: int) -> tuple[
 
     # SentencePiece-style unigram as Marian and T5: pad 0, </s> 1, <unk> 2, A </s>.
     specials = ["<pad>", "</s>", "<unk>"]
-    tok = Tokenizer(models.Unigram())
+    tok = Tokenizer(tokenizer_models.Unigram())
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
@@ -265,16 +266,18 @@ def build_model_folder(
     )
     vocab = len(tokenizer)
 
-    torch.manual_seed(seed)
-    if is_encoder:
-        config = _encoder_config(model_type, d, vocab, tokenizer.pad_token_id, num_labels)
-        auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForMaskedLM
-        model = auto.from_config(config)
-    else:
-        ids = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
-        config = _seq2seq_config(model_type, d, vocab, ids)
-        model = AutoModelForSeq2SeqLM.from_config(config)
-        model.generation_config = _generation_config(model_type, config, ids, d["positions"])
+    # Seed the initialisation without moving the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if is_encoder:
+            config = _encoder_config(model_type, d, vocab, tokenizer.pad_token_id, num_labels)
+            auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForMaskedLM
+            model = auto.from_config(config)
+        else:
+            ids = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+            config = _seq2seq_config(model_type, d, vocab, ids)
+            model = AutoModelForSeq2SeqLM.from_config(config)
+            model.generation_config = _generation_config(model_type, config, ids, d["positions"])
 
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
