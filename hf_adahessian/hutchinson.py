@@ -60,8 +60,9 @@ class ProbeGenerator:
 
 def rademacher_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A tensor of ±1 with the shape, dtype and device of ``t``."""
-    z = torch.randint(0, 2, t.shape, generator=generator, device=t.device, dtype=torch.int8)
-    return z.to(t.dtype).mul_(2).sub_(1)
+    # Drawn straight into the result: a large fresh buffer costs more than the draw.
+    z = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return z.random_(0, 2, generator=generator).mul_(2).sub_(1)
 
 
 def hessian_vector_products(
@@ -101,7 +102,7 @@ def hutchinson_diagonal(
     probe stream does not depend on which parameters happen to have a Hessian
     path; those parameters get an estimate of zero.
     """
-    estimates = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    estimates: list[torch.Tensor | None] = [None] * len(params)
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     for sample in range(n_samples):
         zs = [rademacher_like(p, probes.for_device(p.device)) for p in params]
@@ -114,8 +115,18 @@ def hutchinson_diagonal(
             retain_graph=sample < n_samples - 1,
         )
         for i, hv in zip(live, hvs):
-            if hv is not None:
-                estimates[i].addcmul_(zs[i].float(), hv.float(), value=1.0 / (n_samples * scale))
+            if hv is None:
+                continue
+            # Hv is a fresh tensor that nothing else holds: z ⊙ Hv is made in it.
+            term = hv.float().mul_(zs[i])
+            estimates[i] = term if estimates[i] is None else estimates[i].add_(term)
+        del zs, hvs
+    factor = 1.0 / (n_samples * scale)
+    for i, p in enumerate(params):
+        if estimates[i] is None:
+            estimates[i] = torch.zeros_like(p, dtype=torch.float32)
+        elif factor != 1.0:
+            estimates[i].mul_(factor)
     return estimates
 
 
@@ -128,18 +139,21 @@ def block_average(d: torch.Tensor, block_size: int = 1, average_conv_kernel: boo
     Smoothing over blocks lowers the variance of a one-probe estimate, which is
     why the authors' transformer recipe used blocks of 32.
     """
+    return block_average_(d.clone(), block_size, average_conv_kernel)
+
+
+def block_average_(d: torch.Tensor, block_size: int = 1, average_conv_kernel: bool = True) -> torch.Tensor:
+    """``block_average`` in place (no parameter-sized buffer), returning ``d``."""
     if d.dim() == 4 and average_conv_kernel:
-        d = d.mean(dim=(2, 3), keepdim=True).expand_as(d)
+        d.copy_(d.mean(dim=(2, 3), keepdim=True).expand_as(d))
     if d.dim() < 2 or block_size <= 1 or d.shape[-1] <= 1:
         return d
     n = d.shape[-1]
     full = (n // block_size) * block_size
-    parts = []
-    if full:
-        head = d[..., :full].reshape(*d.shape[:-1], full // block_size, block_size)
-        parts.append(head.mean(dim=-1, keepdim=True).expand_as(head).reshape(*d.shape[:-1], full))
+    # Splitting the last dim is a view even on the slice, so each block is averaged where it lies.
+    blocks = [d[..., :full].unflatten(-1, (full // block_size, block_size))] if full else []
     if full < n:
-        tail = d[..., full:]
-        parts.append(tail.mean(dim=-1, keepdim=True).expand_as(tail))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
+        blocks.append(d[..., full:])
+    for block in blocks:
+        block.copy_(block.mean(dim=-1, keepdim=True).expand_as(block))
+    return d

@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
-from .hutchinson import ProbeGenerator, block_average, hutchinson_diagonal
+from .hutchinson import ProbeGenerator, block_average_, hutchinson_diagonal
 
 __all__ = ["AdaHessian", "adahessian"]
 
@@ -199,7 +199,7 @@ class AdaHessian(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p in pending:
-                    diag[p] = block_average(pending[p].abs_(), group["block_size"], group["average_conv_kernel"])
+                    diag[p] = block_average_(pending[p].abs_(), group["block_size"], group["average_conv_kernel"])
         if not diag:
             return {}
         ds = list(diag.values())
