@@ -94,7 +94,7 @@ def hutchinson_diagonal(
     n_samples: int = 1,
     scale: float = 1.0,
 ) -> list[torch.Tensor]:
-    """Mean over ``n_samples`` probes of z ⊙ Hz / scale, in fp32, one tensor per parameter.
+    """Mean over ``n_samples`` probes of z ⊙ Hz / scale, in fp32 or wider, one tensor per parameter.
 
     The sign is kept: across micro-batches or processes the estimates are summed
     before the absolute value is taken, as for one large batch.  Every parameter
@@ -118,13 +118,13 @@ def hutchinson_diagonal(
             if hv is None:
                 continue
             # Hv is a fresh tensor that nothing else holds: z ⊙ Hv is made in it.
-            term = hv.float().mul_(zs[i])
+            term = hv.to(torch.promote_types(hv.dtype, torch.float32)).mul_(zs[i])
             estimates[i] = term if estimates[i] is None else estimates[i].add_(term)
         del zs, hvs
     factor = 1.0 / (n_samples * scale)
     for i, p in enumerate(params):
         if estimates[i] is None:
-            estimates[i] = torch.zeros_like(p, dtype=torch.float32)
+            estimates[i] = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
         elif factor != 1.0:
             estimates[i].mul_(factor)
     return estimates

@@ -106,9 +106,6 @@ class AdaHessian(Optimizer):
             block_size=block_size, average_conv_kernel=average_conv_kernel, foreach=foreach,
         )
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _validate_group_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                                             group["hessian_power"], group["block_size"])
         self.hessian_interval = hessian_interval
         self.n_samples = n_samples
         self.probes = ProbeGenerator(torch.initial_seed() if seed is None else seed)
@@ -118,6 +115,12 @@ class AdaHessian(Optimizer):
         # Signed sums of z ⊙ Hz over the micro-batches of the step being built.
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
         self._probe_snapshot: dict | None = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                                         group["hessian_power"], group["block_size"])
 
     # ------------------------------------------------------------------ Hessian input
     def is_hessian_step(self) -> bool:
@@ -182,15 +185,17 @@ class AdaHessian(Optimizer):
         return list(self._pending.values())
 
     def _estimate_from_grad_graph(self) -> None:
-        params = [p for p in self._trainable_params() if p.grad is not None]
+        params = self._trainable_params()
+        # Parameters without a grad still draw their probes, as in accumulate_hessian,
+        # so that both ways in see the same probe stream.
         grads = [p.grad for p in params]
-        if not any(g.requires_grad for g in grads):
+        if not any(g is not None and g.requires_grad for g in grads):
             raise RuntimeError(NO_GRAPH_MESSAGE.format(interval=self.hessian_interval,
                                                        step=self.counters["step"] + 1))
         self.begin_hessian_accumulation()
         with torch.enable_grad():
             estimates = hutchinson_diagonal(grads, params, self.probes, self.n_samples)
-        self._pending.update(zip(params, estimates))
+        self._pending.update((p, d) for p, d, g in zip(params, estimates, grads) if g is not None)
 
     def _take_hessian(self) -> dict[torch.Tensor, torch.Tensor] | None:
         """|D|, block-averaged per group, or None when the estimate is not finite."""
@@ -246,7 +251,7 @@ class AdaHessian(Optimizer):
                     state["step"] = 0
                     state["hessian_step"] = 0
                     for key in _STATE_KEYS:
-                        state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                        state[key] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
                 state["step"] += 1
                 d = diag.get(p) if diag else None
                 if d is not None:
@@ -293,7 +298,7 @@ class AdaHessian(Optimizer):
         for idx, p in zip(saved_ids, current):
             for key in _STATE_KEYS:
                 if idx in saved_state and key in saved_state[idx]:
-                    self.state[p][key] = saved_state[idx][key].to(device=p.device, dtype=torch.float32)
+                    self.state[p][key] = saved_state[idx][key].to(device=p.device, dtype=_state_dtype(p))
         if extra is not None:
             self.counters.update(extra["counters"])
             self.probes.load_state_dict(extra["probes"])
@@ -303,6 +308,11 @@ class AdaHessian(Optimizer):
 
 
 # ---------------------------------------------------------------------- functional core
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 parameters, fp64 for fp64 ones: never below fp32."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
 def adahessian(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -347,12 +357,12 @@ def _denominator_(v: torch.Tensor, bias_correction2: float, hessian_power: float
 def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, steps, hsteps, *,
                               lr, beta1, beta2, eps, weight_decay, hessian_power):
     for p, g, m, v, d, t, s in zip(params, grads, exp_avgs, exp_hs, ds, steps, hsteps):
-        m.lerp_(g.float(), 1 - beta1)
+        m.lerp_(g.to(m.dtype), 1 - beta1)
         if d is not None:
             v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
         if s == 0:
             continue
-        p32 = p if p.dtype == torch.float32 else p.float()
+        p32 = p if p.dtype == _state_dtype(p) else p.float()
         if weight_decay:
             p32.mul_(1 - lr * weight_decay)
         denom = _denominator_(v.clone(), 1 - beta2 ** s, hessian_power, eps)
@@ -363,7 +373,7 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, steps, hsteps
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, steps, hsteps, *,
                              lr, beta1, beta2, eps, weight_decay, hessian_power):
-    grads32 = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    grads32 = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(exp_avgs, grads32, 1 - beta1)
     with_d = [i for i, d in enumerate(ds) if d is not None]
     if with_d:
@@ -375,7 +385,7 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, steps, hsteps,
     if not live:
         return
     ps = [params[i] for i in live]
-    p32s = [p if p.dtype == torch.float32 else p.float() for p in ps]
+    p32s = [p if p.dtype == _state_dtype(p) else p.float() for p in ps]
     if weight_decay:
         torch._foreach_mul_(p32s, 1 - lr * weight_decay)
     denoms = torch._foreach_div([exp_hs[i] for i in live], [1 - beta2 ** hsteps[i] for i in live])

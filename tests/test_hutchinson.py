@@ -1,0 +1,284 @@
+"""Specification of ``hf_adahessian.hutchinson``: Hutchinson's Hessian-diagonal estimate and block averaging.
+
+Hutchinson: for a Rademacher probe z (entries ±1), E[z ⊙ Hz] = diag(H), because
+E[z_i z_j] = 0 for i ≠ j and z_i² = 1.  Component i of one sample is
+
+    (z ⊙ Hz)_i = H_ii + Σ_{j≠i} H_ij z_i z_j,
+
+so a single probe is exact when H is diagonal, and otherwise the sample has mean
+H_ii and variance Σ_{j≠i} H_ij² (the products z_i z_j, j ≠ i, are pairwise
+uncorrelated ±1 variables).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from hf_adahessian.hutchinson import (
+    ProbeGenerator,
+    block_average,
+    hutchinson_diagonal,
+    rademacher_like,
+)
+
+
+def _grads_with_graph(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    return list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+
+
+def _quadratic(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """0.5 xᵀAx, whose Hessian is A for symmetric A."""
+    return 0.5 * x @ (a @ x)
+
+
+def _random_spd(n: int, seed: int) -> torch.Tensor:
+    """A dense SPD matrix with sizeable off-diagonal entries (so one probe is far from exact)."""
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    return (m @ m.T / n + 0.5 * torch.eye(n, dtype=torch.float64)).float()
+
+
+# ---------------------------------------------------------------------------------- estimate
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_one_probe_gives_the_exact_diagonal_of_a_diagonal_quadratic(seed):
+    """With A diagonal, z ⊙ Az = diag(A) ⊙ z² = diag(A) for any ±1 probe: no noise at all."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(9, generator=gen) * 3  # negative entries too: the estimate is signed
+    x = torch.randn(9, generator=gen).requires_grad_(True)
+    (est,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, torch.diag(a)), [x]), [x], ProbeGenerator(seed))
+    assert est.dtype == torch.float32
+    assert torch.equal(est, a)
+
+
+def test_many_probes_converge_to_the_diagonal_of_a_dense_spd_hessian():
+    """The mean of n probes has standard error σ_i = sqrt(Σ_{j≠i} H_ij² / n) in component i.
+
+    With n = 2000 we allow 5 σ_i per component (a two-sided Gaussian tail of 6e-7
+    each; the test is deterministic for the seed, the bound is what justifies the
+    tolerance).  The bound is also checked to be tight enough to mean something:
+    below 10 % of every diagonal entry, and well below the error of a single probe.
+    """
+    n, n_probes = 8, 2000
+    h = _random_spd(n, seed=3)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    grads = _grads_with_graph(_quadratic(x, h), [x])
+    (est,) = hutchinson_diagonal(grads, [x], ProbeGenerator(11), n_samples=n_probes)
+
+    diag = torch.diagonal(h)
+    off_diag_sq = (h**2).sum(dim=1) - diag**2
+    sigma = torch.sqrt(off_diag_sq / n_probes)
+    tolerance = 5 * sigma
+    assert (tolerance < 0.1 * diag).all(), "the bound is too loose to test anything"
+    err = (est - diag).abs()
+    assert (err <= tolerance).all(), f"|error| {err.tolist()} exceeds 5σ {tolerance.tolist()}"
+
+    # One probe alone is visibly noisy here, so the agreement above comes from averaging.
+    x1 = x.detach().clone().requires_grad_(True)
+    (one,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x1, h), [x1]), [x1], ProbeGenerator(11))
+    assert (one - diag).abs().max() > 10 * err.max()
+
+
+def test_n_samples_is_the_mean_of_as_many_consecutive_single_probe_estimates():
+    """n_samples=k draws the same k probes, in order, as k calls with n_samples=1."""
+    h = _random_spd(6, seed=5)
+    x = torch.randn(6, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+    k = 20
+    (batched,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, h), [x]), [x], ProbeGenerator(2), n_samples=k)
+    probes = ProbeGenerator(2)
+    total = torch.zeros(6)
+    for _ in range(k):
+        (one,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, h), [x]), [x], probes)
+        total += one
+    # Not bitwise: the batched call accumulates each sample already divided by k.
+    torch.testing.assert_close(batched, total / k, rtol=1e-6, atol=1e-6)
+
+
+def test_scale_divides_the_estimate():
+    """``scale`` undoes a loss scale (AMP): the estimate of (S·f) / S is the estimate of f."""
+    h = _random_spd(5, seed=8)
+    x = torch.randn(5, generator=torch.Generator().manual_seed(9)).requires_grad_(True)
+    (plain,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, h), [x]), [x], ProbeGenerator(0))
+    (scaled,) = hutchinson_diagonal(_grads_with_graph(1024.0 * _quadratic(x, h), [x]), [x], ProbeGenerator(0),
+                                    scale=1024.0)
+    torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------- probes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_probes_are_plus_or_minus_one_in_the_shape_and_dtype_of_the_parameter(dtype):
+    t = torch.empty(50, 40, dtype=dtype)
+    z = rademacher_like(t, ProbeGenerator(0).for_device(t.device))
+    assert z.shape == t.shape and z.dtype == dtype and z.device == t.device
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    # Balanced: the mean of 2000 fair ±1 has standard deviation 1/sqrt(2000) ≈ 0.022.
+    assert abs(z.float().mean().item()) < 5 / math.sqrt(z.numel())
+
+
+def test_probes_are_reproducible_from_the_seed():
+    t = torch.empty(1000)
+    first = rademacher_like(t, ProbeGenerator(42).for_device(t.device))
+    again = rademacher_like(t, ProbeGenerator(42).for_device(t.device))
+    other = rademacher_like(t, ProbeGenerator(43).for_device(t.device))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_probe_stream_resumes_exactly_from_its_state_dict():
+    """What a checkpoint relies on: save mid-stream, load into a generator with another seed, same draws."""
+    t = torch.empty(300)
+    probes = ProbeGenerator(5)
+    for _ in range(3):
+        rademacher_like(t, probes.for_device(t.device))
+    saved = probes.state_dict()
+    expected = [rademacher_like(t, probes.for_device(t.device)) for _ in range(2)]
+
+    resumed = ProbeGenerator(999)
+    resumed.load_state_dict(saved)
+    assert resumed.seed == 5
+    got = [rademacher_like(t, resumed.for_device(t.device)) for _ in range(2)]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_estimation_never_touches_the_global_rng():
+    """Probes come from the estimator's own generator: dropout masks and data order do not move."""
+    h = _random_spd(6, seed=1)
+    x = torch.randn(6, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    grads = _grads_with_graph(_quadratic(x, h), [x])
+    before = torch.get_rng_state()
+    hutchinson_diagonal(grads, [x], ProbeGenerator(0), n_samples=5)
+    rademacher_like(x, ProbeGenerator(1).for_device(x.device))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ---------------------------------------------------------------------------------- zero curvature
+def test_parameters_without_curvature_get_zero_without_error():
+    """No Hessian path, no error: the estimate is exactly zero.
+
+    * ``lin``: the loss is linear in it, so its gradient is a constant with no graph;
+    * ``coupled_to_input``: its gradient is an input that requires grad (so the
+      gradient does carry a graph), but nothing in that graph depends on the parameter;
+    * ``unused``: not in the loss at all (gradient None).
+    ``curved`` keeps a real Hessian, so the call does compute a product.
+    """
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.randn(3, generator=gen).requires_grad_(True)
+    coupled_to_input = torch.randn(3, generator=gen).requires_grad_(True)
+    unused = torch.randn(2, 2, generator=gen).requires_grad_(True)
+    curved = torch.randn(3, generator=gen).requires_grad_(True)
+    data = torch.randn(3, generator=gen)
+    inp = torch.randn(3, generator=gen).requires_grad_(True)  # an input, not a parameter
+    loss = (lin * data).sum() + (coupled_to_input * inp).sum() + (curved**4).sum()
+    params = [lin, coupled_to_input, unused, curved]
+    grads = _grads_with_graph(loss, params)
+    assert grads[2] is None and not grads[0].requires_grad and grads[1].requires_grad
+
+    est = hutchinson_diagonal(grads, params, ProbeGenerator(0), n_samples=2)
+    for p, e in zip(params[:3], est[:3]):
+        assert e.shape == p.shape and torch.equal(e, torch.zeros_like(e))
+    torch.testing.assert_close(est[3], 12 * curved.detach() ** 2)
+
+
+def test_all_parameters_without_curvature_is_not_an_error():
+    """A loss linear in every parameter (no gradient has a graph) gives all-zero estimates."""
+    w = torch.ones(4, requires_grad=True)
+    grads = _grads_with_graph((w * torch.arange(4.0)).sum(), [w])
+    (est,) = hutchinson_diagonal(grads, [w], ProbeGenerator(0))
+    assert torch.equal(est, torch.zeros(4))
+
+
+def test_probe_stream_does_not_depend_on_which_parameters_have_curvature():
+    """Every parameter gets a probe, in order, with or without a Hessian path.
+
+    So the estimate for ``b`` is the same whether ``a`` before it is curved or linear.
+    """
+    gen = torch.Generator().manual_seed(1)
+    h = _random_spd(5, seed=2)
+    a = torch.randn(3, generator=gen).requires_grad_(True)
+    b = torch.randn(5, generator=gen).requires_grad_(True)
+    with_curved_a = hutchinson_diagonal(_grads_with_graph((a**3).sum() + _quadratic(b, h), [a, b]),
+                                        [a, b], ProbeGenerator(3))
+    with_linear_a = hutchinson_diagonal(_grads_with_graph(a.sum() + _quadratic(b, h), [a, b]),
+                                        [a, b], ProbeGenerator(3))
+    assert torch.equal(with_curved_a[1], with_linear_a[1])
+
+
+# ---------------------------------------------------------------------------------- block_average
+def _reference_block_average(d: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Blocks of ``block_size`` along the last dim, the last one shorter; one Python mean per block."""
+    out = d.clone()
+    *lead, n = d.shape
+    for prefix in itertools.product(*(range(s) for s in lead)):
+        row = d[prefix].tolist()
+        for start in range(0, n, block_size):
+            block = row[start:start + block_size]
+            out[prefix][start:start + block_size] = sum(block) / len(block)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(), (7,)])
+@pytest.mark.parametrize("block_size", [1, 3, 32])
+def test_block_average_leaves_0d_and_1d_tensors_untouched(shape, block_size):
+    d = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    out = block_average(d, block_size)
+    assert out.shape == d.shape and torch.equal(out, d)
+
+
+def test_block_size_one_leaves_every_tensor_untouched():
+    d = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(block_average(d, 1), d)
+
+
+def test_block_average_of_a_2d_tensor_uses_blocks_along_the_last_dim_with_a_short_last_block():
+    d = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0],
+                      [10.0, 20.0, 30.0, 40.0, 50.0]])
+    before = d.clone()
+    # Blocks of 2: [0, 1], [2, 3] and the short block [4].
+    assert torch.equal(block_average(d, 2), torch.tensor([[1.5, 1.5, 3.5, 3.5, 5.0],
+                                                          [15.0, 15.0, 35.0, 35.0, 50.0]]))
+    # Blocks of 3: [0, 1, 2] and the short block [3, 4].
+    assert torch.equal(block_average(d, 3), torch.tensor([[2.0, 2.0, 2.0, 4.5, 4.5],
+                                                          [20.0, 20.0, 20.0, 45.0, 45.0]]))
+    # A block at least as long as a row averages each row on its own.
+    assert torch.equal(block_average(d, 5), torch.tensor([[3.0] * 5, [30.0] * 5]))
+    assert torch.equal(block_average(d, 32), torch.tensor([[3.0] * 5, [30.0] * 5]))
+    assert torch.equal(d, before), "block_average must not modify its input"
+
+
+@pytest.mark.parametrize("shape, block_size", [((2, 3, 5), 2), ((2, 3, 4), 3), ((2, 2, 2, 3, 5), 2), ((3, 1, 2, 2, 4), 4)])
+def test_block_average_of_3d_and_5d_tensors_averages_each_block_of_each_row_on_its_own(shape, block_size):
+    """Each row (all leading indices fixed) is split on its own: a block never mixes rows.
+
+    Rows are offset by 1000 × their index, so a value borrowed from another row
+    would show up far outside the row's range.
+    """
+    n_rows = math.prod(shape[:-1])
+    rows = torch.arange(n_rows, dtype=torch.float32).reshape(*shape[:-1], 1) * 1000
+    d = rows + torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    out = block_average(d, block_size)
+    assert out.shape == d.shape
+    torch.testing.assert_close(out, _reference_block_average(d, block_size), rtol=1e-6, atol=1e-4)
+    assert ((out - rows) >= 0).all() and ((out - rows) <= 1).all(), "a block mixed values from another row"
+
+
+def test_conv_kernels_are_averaged_over_their_spatial_dims():
+    """A 4-D (out, in, kh, kw) kernel: each (out, in) filter gets the mean over its kh × kw taps."""
+    d = torch.rand(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    out = block_average(d, 1, average_conv_kernel=True)
+    for o in range(3):
+        for i in range(2):
+            expected = sum(d[o, i].flatten().tolist()) / 9
+            torch.testing.assert_close(out[o, i], torch.full((3, 3), expected), rtol=1e-6, atol=1e-7)
+    # With block_size > 1 the spatial means are already constant along kw: nothing changes.
+    torch.testing.assert_close(block_average(d, 2, average_conv_kernel=True), out, rtol=1e-6, atol=1e-7)
+
+
+def test_conv_kernels_are_not_averaged_when_average_conv_kernel_is_false():
+    d = torch.rand(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(block_average(d, 1, average_conv_kernel=False), d)
+    # They are then blocked like any other tensor: blocks of 2 along kw, the last of one tap.
+    torch.testing.assert_close(block_average(d, 2, average_conv_kernel=False), _reference_block_average(d, 2),
+                               rtol=1e-6, atol=1e-7)
