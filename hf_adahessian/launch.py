@@ -10,11 +10,10 @@ stock classes for every other ``--optim``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import runpy
 import sys
-
-import transformers
 
 from .arguments import AdaHessianSeq2SeqTrainingArguments, AdaHessianTrainingArguments
 from .trainer import AdaHessianSeq2SeqTrainer, AdaHessianTrainer
@@ -29,8 +28,11 @@ SUBSTITUTES = {
 
 def substitute_classes() -> None:
     """Point ``transformers.Trainer`` & co. at the AdaHessian subclasses."""
+    # Importing the Trainer re-executes transformers' __init__ and replaces the
+    # module in sys.modules, so patch the one that a script's import will find.
+    module = sys.modules.get("transformers") or importlib.import_module("transformers")
     for name, cls in SUBSTITUTES.items():
-        setattr(transformers, name, cls)
+        setattr(module, name, cls)
 
 
 USAGE = "usage: python -m hf_adahessian.launch SCRIPT.py [SCRIPT ARGS ...]"
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: script not found: {script}\n{USAGE}")
     substitute_classes()
     sys.argv = [script, *argv[1:]]
+    # As `python SCRIPT` does, so that the script's sibling modules import.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
 
 

@@ -1,0 +1,196 @@
+"""hf_adahessian.launch: an unmodified stock script trains with ``--optim adahessian``.
+
+``tests/scripts/stock_train.py`` imports ``HfArgumentParser``, ``TrainingArguments``
+and ``Trainer`` from ``transformers`` and knows nothing of this package.  Run by
+the launcher it parses ``--optim adahessian`` and trains with AdaHessian; run by
+plain ``python`` the same command line is rejected by argparse, which shows that
+the class substitution is what makes it work.
+
+Every subprocess of the module is started by one fixture, a few at a time (each
+is mostly interpreter and transformers start-up); the tests read their results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from hf_adahessian import launch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "tests" / "scripts"
+STOCK = SCRIPTS / "stock_train.py"
+MAX_STEPS = 3
+ACCELERATE = shutil.which("accelerate")
+HAS_ACCELERATE_CPU_DDP = ACCELERATE is not None and dist.is_available() and dist.is_gloo_available()
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def train_args(out: Path, optim: str, lr: str) -> list[str]:
+    return [
+        "--output_dir", str(out), "--optim", optim, "--learning_rate", lr,
+        "--max_steps", str(MAX_STEPS), "--per_device_train_batch_size", "4", "--logging_steps", "1",
+        "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def procs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("launch")
+    py, launcher = sys.executable, [sys.executable, "-m", "hf_adahessian.launch"]
+    cmds = {
+        "adahessian": [*launcher, str(STOCK), *train_args(tmp / "a", "adahessian", "0.05")],
+        "plain_python": [py, str(STOCK), *train_args(tmp / "b", "adahessian", "0.05")],
+        "adamw": [*launcher, str(STOCK), *train_args(tmp / "c", "adamw_torch", "1e-3")],
+        "sibling_plain": [py, str(SCRIPTS / "sibling_import.py")],
+        "sibling_launched": [*launcher, str(SCRIPTS / "sibling_import.py")],
+        "missing": [*launcher, "no_such_script.py", "--optim", "adahessian"],
+    }
+    if HAS_ACCELERATE_CPU_DDP:
+        # `--cpu` would take accelerate's simple launcher (one process, see the test);
+        # `--multi_gpu` takes torch.distributed.run, and the script's --use_cpu keeps it on CPU.
+        cmds["accelerate"] = [
+            ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            "-m", "hf_adahessian.launch", str(STOCK), *train_args(tmp / "d", "adahessian", "0.05"),
+        ]
+
+    def run(cmd):
+        return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(run, cmd) for name, cmd in cmds.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def results(proc: subprocess.CompletedProcess) -> list[dict]:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    found = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert found, proc.stdout[-3000:]
+    return sorted(found, key=lambda r: r["rank"])
+
+
+# ---------------------------------------------------------------------- a stock script, launched
+def test_launch_runs_a_stock_script_with_adahessian(procs):
+    (result,) = results(procs["adahessian"])
+    assert result["trainer"] == "AdaHessianTrainer"
+    assert result["training_args"] == "AdaHessianTrainingArguments"
+    assert result["optim"] == "adahessian"
+    assert result["optimizer"] == "AdaHessian"
+    assert result["global_step"] == MAX_STEPS and result["n_loss_logs"] == MAX_STEPS
+    assert result["hessian_mean_logged"]
+    assert all(h > 0 for h in result["hessian_means"])
+
+
+def test_plain_python_rejects_optim_adahessian(procs):
+    """The same script and command line without the launcher: stock argparse refuses the name."""
+    proc = procs["plain_python"]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "argument --optim: invalid choice: 'adahessian'" in proc.stderr
+    assert "RESULT" not in proc.stdout
+
+
+def test_launch_keeps_stock_optimizers_stock(procs):
+    (result,) = results(procs["adamw"])
+    assert result["trainer"] == "AdaHessianTrainer"
+    assert result["optimizer"] == "AdamW"
+    assert result["global_step"] == MAX_STEPS and result["n_loss_logs"] == MAX_STEPS
+    assert not result["hessian_mean_logged"] and result["hessian_means"] == [None] * MAX_STEPS
+
+
+@pytest.mark.parametrize("run", ["adahessian", "adamw"])
+def test_a_launched_script_imports_the_subclasses(procs, run):
+    """``from transformers import Trainer, TrainingArguments, Seq2SeqTrainer, Seq2SeqTrainingArguments``
+    in the launched script gives the AdaHessian subclasses (``substitute_classes()``).
+
+    Importing ``transformers.Trainer`` (through ``processing_utils``'s
+    ``direct_transformers_import``) re-executes ``transformers/__init__.py``, which puts a
+    new module object in ``sys.modules["transformers"]``; a script's ``from transformers
+    import`` reads that one, so that is where the classes must be set.
+    """
+    (result,) = results(procs[run])
+    assert result["imported"] == {
+        "AdaHessianTrainer": "hf_adahessian.trainer",
+        "AdaHessianTrainingArguments": "hf_adahessian.arguments",
+        "AdaHessianSeq2SeqTrainer": "hf_adahessian.trainer",
+        "AdaHessianSeq2SeqTrainingArguments": "hf_adahessian.arguments",
+    }
+
+
+def test_launch_puts_the_script_folder_on_sys_path(procs):
+    """``python SCRIPT`` makes modules next to the script importable (transformers' run_qa.py
+    does ``from utils_qa import ...``); the launcher must run the script the same way."""
+    plain, launched = procs["sibling_plain"], procs["sibling_launched"]
+    assert plain.returncode == 0 and "SIBLING 42" in plain.stdout, plain.stderr[-3000:]
+    assert launched.returncode == 0 and "SIBLING 42" in launched.stdout, launched.stderr[-3000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not HAS_ACCELERATE_CPU_DDP, reason="needs the accelerate command line and gloo")
+def test_accelerate_launch_two_cpu_processes(procs):
+    """``accelerate launch --multi_gpu --num_processes 2 -m hf_adahessian.launch SCRIPT --use_cpu``.
+
+    ``accelerate launch --cpu --num_processes 2`` (accelerate 1.15, no config file)
+    takes accelerate's simple launcher and starts ONE process (world size 1);
+    ``--multi_gpu`` takes torch.distributed.run, and the script's ``--use_cpu``
+    keeps it on the CPU, where accelerate picks DDP over gloo.
+    """
+    found = results(procs["accelerate"])
+    assert [r["rank"] for r in found] == [0, 1]
+    for r in found:
+        assert r["world_size"] == 2 and r["model_wrapped"] == "DistributedDataParallel"
+        assert r["trainer"] == "AdaHessianTrainer" and r["optimizer"] == "AdaHessian"
+        assert r["global_step"] == MAX_STEPS and r["hessian_mean_logged"]
+    # The Hessian estimates are averaged across the ranks: both log the same values.
+    assert found[0]["hessian_means"] == found[1]["hessian_means"]
+
+
+# ---------------------------------------------------------------------- the command line itself
+def test_missing_script_is_a_clear_error(procs):
+    proc = procs["missing"]
+    assert proc.returncode != 0
+    assert "script not found: no_such_script.py" in proc.stderr
+    assert "usage: python -m hf_adahessian.launch SCRIPT.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_script_in_process(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        launch.main([str(tmp_path / "absent.py")])
+    assert exc.value.code != 0 and "script not found" in str(exc.value.code)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage_and_exits_zero(flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        launch.main([flag])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(launch.USAGE) and "accelerate launch -m hf_adahessian.launch" in out
+
+
+def test_no_arguments_print_usage_and_fail(capsys):
+    with pytest.raises(SystemExit) as exc:
+        launch.main([])
+    assert exc.value.code == 2
+    assert launch.USAGE in capsys.readouterr().err
