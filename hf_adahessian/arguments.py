@@ -16,7 +16,7 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.training_args import OptimizerNames
 from transformers.utils import ExplicitEnum
 
-from .optimizer import _check_int, _validate_group_hyperparameters
+from .optimizer import _check, _check_int, _validate_group_hyperparameters
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ OPTIM_ARGS: dict[str, tuple[type, Any]] = {
     "block_size": (int, 1),
     "average_conv_kernel": (bool, True),
     "foreach": (bool, None),
+    # The trainer's: estimate the Hessian on this share of each batch (1 = all of it).
+    "hessian_batch_fraction": (float, 1.0),
 }
 
 # A learning rate below this is almost surely an Adam one: AdaHessian's step is
@@ -89,6 +91,8 @@ def parse_adahessian_optim_args(optim_args: str | None) -> dict[str, Any]:
         _validate_group_hyperparameters(1.0, (0.0, 0.0), parsed["eps"], 0.0, parsed["hessian_power"], parsed["block_size"])
         _check_int("hessian_interval", parsed["hessian_interval"])
         _check_int("n_samples", parsed["n_samples"])
+        fraction = parsed["hessian_batch_fraction"]
+        _check("hessian_batch_fraction", 0.0 < fraction <= 1.0, fraction, "a number in (0, 1]")
     except ValueError as err:
         raise ValueError(f"--optim_args: {str(err).removeprefix('AdaHessian: ')}") from None
     return parsed

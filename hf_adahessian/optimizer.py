@@ -145,6 +145,7 @@ class AdaHessian(Optimizer):
         *,
         grads: Iterable[torch.Tensor | None] | None = None,
         scale: float = 1.0,
+        add_grad: bool = True,
     ) -> None:
         """Add one micro-batch's z ⊙ Hz / ``scale`` to the step's estimate and its gradient to ``.grad``.
 
@@ -153,7 +154,8 @@ class AdaHessian(Optimizer):
         or ``grads`` made with ``create_graph=True`` for the trainable parameters in
         group order.  ``scale`` is the AMP loss scale: the Hessian estimate is stored
         unscaled, while ``.grad`` stays scaled for the GradScaler to unscale.  The
-        double-backward graph is released before this returns.
+        double-backward graph is released before this returns.  ``add_grad=False``
+        estimates the Hessian only, when ``.grad`` comes from another backward.
         """
         params = self._trainable_params()
         if grads is None:
@@ -172,7 +174,7 @@ class AdaHessian(Optimizer):
             for p, g, d in zip(params, grads, estimates):
                 acc = self._pending.get(p)
                 self._pending[p] = d if acc is None else acc.add_(d)
-                if g is None:
+                if g is None or not add_grad:
                     continue
                 g = g.detach()
                 if p.grad is None:
