@@ -96,12 +96,12 @@ class AdaHessianTrainerMixin:
         same.  The gradient stays exact, and DDP syncs it as usual.
         """
         loss = super().training_step(model, inputs, num_items_in_batch)
-        head = _head_of_batch(inputs, fraction)
-        # Without num_items_in_batch the loss is the model's own mean over the head,
-        # divided for accumulation: the scale of the gradient's loss whether or not
-        # the model honours num_items_in_batch, which the Trainer cannot tell.
+        head, share = _head_of_batch(inputs, fraction)
+        # The head's loss must be normalised as the gradient's is: the Trainer
+        # divides by the item count when it has one, so give it the head's share.
+        head_items = None if num_items_in_batch is None else num_items_in_batch * share
         with self._hessian_forward(model), self._hessian_backward(optimizer, add_grad=False):
-            super().training_step(model, head, None)
+            super().training_step(model, head, head_items)
         if self.accelerator.sync_gradients and world_size() > 1:
             all_reduce_mean_(optimizer.pending_hessian())
         return loss
@@ -151,8 +151,12 @@ class AdaHessianTrainerMixin:
         super().log(logs, *args, **kwargs)
 
 
-def _head_of_batch(inputs: dict, fraction: float) -> dict:
-    """The first ceil(fraction · B) rows of every batch-shaped tensor."""
+def _head_of_batch(inputs: dict, fraction: float) -> tuple[dict, float]:
+    """The first ceil(fraction · B) rows of every batch-shaped tensor, and their share of the items.
+
+    Items are what the Trainer counts for ``num_items_in_batch``: label tokens
+    that are not ignored (-100), or rows when there are no labels.
+    """
     sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
     if len(sizes) != 1:
         raise ValueError(
@@ -161,7 +165,12 @@ def _head_of_batch(inputs: dict, fraction: float) -> dict:
         )
     batch = sizes.pop()
     keep = max(1, math.ceil(fraction * batch))
-    return {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+    head = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+    labels = inputs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() > 0:
+        total = int(labels.ne(-100).sum())
+        return head, (int(labels[:keep].ne(-100).sum()) / total) if total else keep / batch
+    return head, keep / batch
 
 
 class AdaHessianTrainer(AdaHessianTrainerMixin, Trainer):
