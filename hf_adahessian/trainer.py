@@ -88,23 +88,24 @@ class AdaHessianTrainerMixin:
         return loss
 
     def _sub_batch_hessian_step(self, model, inputs, num_items_in_batch, optimizer, fraction):
-        """The Trainer's own step for the gradient, then a Hessian-only pass on the head of the batch.
+        """A Hessian-only pass on the head of the batch, then the Trainer's own step for the gradient.
 
         A Hessian pass (forward, backward with a graph, Hessian-vector product)
         costs about three plain steps; on a quarter of the batch it costs about
         three quarters of one, for a noisier estimate that v averages all the
         same.  The gradient stays exact, and DDP syncs it as usual.
         """
-        loss = super().training_step(model, inputs, num_items_in_batch)
         head, share = _head_of_batch(inputs, fraction)
         # The head's loss must be normalised as the gradient's is: the Trainer
         # divides by the item count when it has one, so give it the head's share.
         head_items = None if num_items_in_batch is None else num_items_in_batch * share
+        # Hessian first: its graph is gone before the full batch's gradient exists,
+        # so the two never share the peak.
         with self._hessian_forward(model), self._hessian_backward(optimizer, add_grad=False):
             super().training_step(model, head, head_items)
         if self.accelerator.sync_gradients and world_size() > 1:
             all_reduce_mean_(optimizer.pending_hessian())
-        return loss
+        return super().training_step(model, inputs, num_items_in_batch)
 
     @contextlib.contextmanager
     def _hessian_forward(self, model):
