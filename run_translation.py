@@ -28,17 +28,14 @@ A port of transformers' examples/pytorch/translation/run_translation.py (5.x). W
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import DatasetDict, load_dataset
 
-import transformers
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -53,9 +50,9 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_adahessian import AdaHessianSeq2SeqTrainer, AdaHessianSeq2SeqTrainingArguments
+from hf_adahessian.examples import UsageError, detect_last_checkpoint, parse_arguments, run_script, setup_logging
 from hf_adahessian.metrics import bleu
 
 
@@ -67,9 +64,6 @@ MULTILINGUAL_TOKENIZERS = [MBartTokenizer, MBartTokenizerFast, MBart50Tokenizer,
 # accepting both json and jsonl file extensions, as many jsonlines files actually have a .json extension
 LOCAL_FILE_EXTENSIONS = ("json", "jsonl")
 
-
-class UsageError(ValueError):
-    """Bad arguments or data: reported as one line and exit status 2, as argparse does, instead of a traceback."""
 
 
 @dataclass
@@ -327,57 +321,9 @@ def main():
     # We now keep distinct sets of args, for a cleaner separation of concerns.
 
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, AdaHessianSeq2SeqTrainingArguments))
-    try:
-        if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-            # If we pass only one argument to the script and it's the path to a json file,
-            # let's parse it to get our arguments.
-            model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-        else:
-            model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-    except ValueError as err:
-        # The dataclasses' own checks (ours, TrainingArguments', the optim_args parser) are all usage errors.
-        raise UsageError(str(err)) from err
-
-    # Setup logging
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-
-    if training_args.should_log:
-        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
-        transformers.utils.logging.set_verbosity_info()
-
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-
-    # Log on each process the small summary:
-    logger.warning(
-        f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
-        f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
-        f"16-bits training: {training_args.fp16}"
-    )
-    logger.info(f"Training/evaluation parameters {training_args}")
-
-    # Detecting last checkpoint.
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and not data_args.overwrite_output_dir:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is None and len(os.listdir(training_args.output_dir)) > 0:
-            raise UsageError(
-                f"--output_dir {training_args.output_dir} already exists and is not empty; "
-                "use --overwrite_output_dir to overcome"
-            )
-        elif last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(
-                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
-                "the `--output_dir` or add `--overwrite_output_dir` to train from scratch."
-            )
+    model_args, data_args, training_args = parse_arguments(parser)
+    setup_logging(logger, training_args)
+    last_checkpoint = detect_last_checkpoint(logger, training_args, data_args.overwrite_output_dir)
 
     # Set seed before initializing model.
     set_seed(training_args.seed)
@@ -757,8 +703,4 @@ def _mp_fn(index):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

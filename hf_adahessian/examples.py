@@ -1,0 +1,83 @@
+"""What run_glue.py and run_translation.py share: arguments, logging, checkpoints, errors.
+
+The Hugging Face example scripts repeat these lines in every script; here they
+live once, so the two scripts keep only what is theirs (data and metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+import datasets
+import transformers
+from transformers import HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+
+
+class UsageError(ValueError):
+    """Bad arguments or data: reported as one line and exit status 2, as argparse does, instead of a traceback."""
+
+
+def parse_arguments(parser: HfArgumentParser) -> tuple:
+    """The dataclasses from the command line, or from a single ``.json`` file argument."""
+    try:
+        if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+            return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+        return parser.parse_args_into_dataclasses()
+    except ValueError as err:
+        # The dataclasses' own checks (the script's, TrainingArguments', the optim_args parser) are usage errors.
+        raise UsageError(str(err)) from err
+
+
+def setup_logging(logger: logging.Logger, training_args) -> None:
+    """Logging as the HF examples set it up: info on the main process, the Trainer's level elsewhere."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"16-bits training: {training_args.fp16}"
+    )
+    logger.info(f"Training/evaluation parameters {training_args}")
+
+
+def detect_last_checkpoint(logger: logging.Logger, training_args, overwrite_output_dir: bool) -> str | None:
+    """The checkpoint to resume from in ``output_dir``, refusing a non-empty one without checkpoints."""
+    if not (os.path.isdir(training_args.output_dir) and training_args.do_train and not overwrite_output_dir):
+        return None
+    last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    if last_checkpoint is None and len(os.listdir(training_args.output_dir)) > 0:
+        raise UsageError(
+            f"--output_dir {training_args.output_dir} already exists and is not empty; "
+            "use --overwrite_output_dir to overcome"
+        )
+    if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+        logger.info(
+            f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
+            "the `--output_dir` or add `--overwrite_output_dir` to train from scratch."
+        )
+    return last_checkpoint
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a script's ``main``; a ``UsageError`` ends it with one line on stderr and status 2."""
+    try:
+        main()
+    except UsageError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        sys.exit(2)
