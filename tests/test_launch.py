@@ -85,7 +85,9 @@ def procs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
 
 def results(proc: subprocess.CompletedProcess) -> list[dict]:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    found = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    # raw_decode: another rank's output may follow a result on the same line.
+    decode = json.JSONDecoder().raw_decode
+    found = [decode(line[len("RESULT "):])[0] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert found, proc.stdout[-3000:]
     return sorted(found, key=lambda r: r["rank"])
 

@@ -11,6 +11,7 @@ few random rows, and prints one line per process:
 
 import json
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,7 +52,9 @@ def main():
 
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     logs = [log for log in trainer.state.log_history if "loss" in log]
-    print("RESULT " + json.dumps({
+    # One write, starting on a fresh line: under a launcher two ranks share the pipe,
+    # and print() writes the text and its newline separately.
+    sys.stdout.write("\nRESULT " + json.dumps({
         "rank": training_args.process_index,
         "world_size": training_args.world_size,
         "trainer": type(trainer).__name__,
@@ -67,7 +70,8 @@ def main():
         # What this script's `from transformers import ...` resolved to.
         "imported": {cls.__name__: cls.__module__
                      for cls in (Trainer, TrainingArguments, Seq2SeqTrainer, Seq2SeqTrainingArguments)},
-    }), flush=True)
+    }) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
