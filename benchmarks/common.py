@@ -434,8 +434,8 @@ def run_experiment(title: str, script: str, args, registry: dict, budget: dict, 
 def default_out_dir(args, name: str) -> Path:
     if args.output_dir:
         return Path(args.output_dir).resolve()
-    suffix = "_quick" if args.quick else ""
-    suffix += "_lr_search" if args.lr_grid else ""
+    # Never a bare "sst2/" or "multi30k/": those names are the data's, which stay out of the repo.
+    suffix = "_quick" if args.quick else "_lr_search" if args.lr_grid else "_full"
     return HERE / "results" / f"{name}{suffix}"
 
 
