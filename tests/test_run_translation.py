@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from hf_adahessian.models import build_model_folder
+
+from script_helpers import _assert_usage_error, _json, _train_logs, _write_jsonl, adahessian, env  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "run_translation.py"
@@ -38,30 +39,6 @@ COMMON = [
     "--logging_steps", "1",
     "--disable_tqdm", "true",
 ]  # fmt: skip
-
-
-def adahessian(optim_args="hessian_interval=1,block_size=1"):
-    return ["--optim", "adahessian", "--learning_rate", "0.05", "--optim_args", optim_args]
-
-
-def _write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(tmp_path_factory.mktemp("datasets_cache")),
-        # Tiny models: one thread each is as fast and lets runs overlap on two cores.
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +79,6 @@ def run_translation(env, *args, check=True):
             f"run_translation.py exited with {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         )
     return result
-
-
-def _json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _train_logs(output_dir):
-    return [h for h in _json(Path(output_dir) / "trainer_state.json")["log_history"] if "loss" in h]
 
 
 def _files(data, *splits):
@@ -260,15 +228,6 @@ def bad_input_runs(marian, data, env, tmp_path_factory):
     results = _json(root / "results.json")
     per_case = {name: (code, err, specs[name][1]) for name, (code, err) in results.items()}
     return per_case, (real, specs[REAL_PROCESS_CASE][1])
-
-
-def _assert_usage_error(returncode, stderr, words):
-    assert "Traceback" not in stderr, stderr[-3000:]
-    assert returncode == 2, stderr[-3000:]
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for word in words:
-        assert word in last, (word, last)
 
 
 @pytest.mark.parametrize("name", BAD_INPUT)
