@@ -439,6 +439,23 @@ def default_out_dir(args, name: str) -> Path:
     return HERE / "results" / f"{name}{suffix}"
 
 
+def schedule_args(args, budget: dict, warmup: int, run_dir) -> list[str]:
+    """The script flags every benchmark run shares: budget, schedule, seeds, no saving, quiet logging."""
+    a = [
+        "--output_dir", str(run_dir),
+        "--max_steps", str(budget["max_steps"]), "--lr_scheduler_type", "linear", "--warmup_steps", str(warmup),
+        "--seed", str(args.seed), "--data_seed", str(args.seed),
+        "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", str(max(1, budget["max_steps"] // 10)),
+        "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+    ]
+    # The quick mode's slices are already cut on disk.
+    if budget["train_samples"] and not args.quick:
+        a += ["--max_train_samples", str(budget["train_samples"])]
+    if budget["eval_samples"] and not args.quick:
+        a += ["--max_eval_samples", str(budget["eval_samples"])]
+    return a
+
+
 def write_slice(src: Path, dst: Path, n: int) -> Path:
     """The first ``n`` lines of a JSON-lines file (quick mode: no tokenizing of the whole set).
 

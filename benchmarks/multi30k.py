@@ -85,19 +85,11 @@ def main() -> None:
         a = [
             "--model_name_or_path", str(model), "--source_lang", "de", "--target_lang", "en",
             "--train_file", str(train), "--validation_file", str(valid),
-            "--do_train", "--do_eval", "--predict_with_generate", "--output_dir", str(run_dir),
+            "--do_train", "--do_eval", "--predict_with_generate",
             "--max_source_length", "64", "--max_target_length", "64", "--generation_max_length", "64",
             "--num_beams", "1", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
-            "--max_steps", str(budget["max_steps"]), "--lr_scheduler_type", "linear", "--warmup_steps", str(warmup),
-            "--seed", str(args.seed), "--data_seed", str(args.seed),
-            "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", str(max(1, budget["max_steps"] // 10)),
-            "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
         ]
-        if budget["train_samples"] and not args.quick:
-            a += ["--max_train_samples", str(budget["train_samples"])]
-        if budget["eval_samples"] and not args.quick:
-            a += ["--max_eval_samples", str(budget["eval_samples"])]
-        return a
+        return a + common.schedule_args(args, budget, warmup, run_dir)
 
     common.run_experiment(
         "Marian-small on Multi30k de-en", "run_translation.py", args, OPTIMIZERS, budget, script_args,
