@@ -127,7 +127,8 @@ class AdaHessian(Optimizer):
         """Whether the next ``step()`` updates the Hessian moving average."""
         return self.counters["step"] % self.hessian_interval == 0
 
-    def _trainable_params(self) -> list[torch.Tensor]:
+    def trainable_params(self) -> list[torch.Tensor]:
+        """The parameters AdaHessian estimates and updates, in group order (the order of ``grads``)."""
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def begin_hessian_accumulation(self) -> None:
@@ -157,7 +158,7 @@ class AdaHessian(Optimizer):
         double-backward graph is released before this returns.  ``add_grad=False``
         estimates the Hessian only, when ``.grad`` comes from another backward.
         """
-        params = self._trainable_params()
+        params = self.trainable_params()
         if grads is None:
             if loss is None:
                 raise ValueError("accumulate_hessian needs either loss or grads.")
@@ -187,7 +188,7 @@ class AdaHessian(Optimizer):
         return list(self._pending.values())
 
     def _estimate_from_grad_graph(self) -> None:
-        params = self._trainable_params()
+        params = self.trainable_params()
         # Parameters without a grad still draw their probes, as in accumulate_hessian,
         # so that both ways in see the same probe stream.
         grads = [p.grad for p in params]

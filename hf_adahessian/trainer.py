@@ -83,7 +83,7 @@ class AdaHessianTrainerMixin:
         with self._hessian_forward(model), self._hessian_backward(optimizer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients and world_size() > 1:
-            grads = [p.grad for p in optimizer._trainable_params() if p.grad is not None]
+            grads = [p.grad for p in optimizer.trainable_params() if p.grad is not None]
             all_reduce_mean_(grads + optimizer.pending_hessian())
         return loss
 
