@@ -369,11 +369,11 @@ PEERS = {
 }
 
 
-def trainer_optimizer(interval: int | None = None, extra: str = "") -> dict:
+def trainer_optimizer(interval: int | None = None, extra: str = "", block_size: int = 32) -> dict:
     """A Trainer-path optimizer: AdaHessian with this Hessian interval, or AdamW when None."""
     if interval is None:
         return {"optim": ["--optim", "adamw_torch"], "hessian_interval": None}
-    optim_args = f"hessian_interval={interval},block_size=32" + (f",{extra}" if extra else "")
+    optim_args = f"hessian_interval={interval},block_size={block_size}" + (f",{extra}" if extra else "")
     return {"optim": ["--optim", "adahessian", "--optim_args", optim_args], "hessian_interval": interval}
 
 
