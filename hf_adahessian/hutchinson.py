@@ -3,7 +3,8 @@
 For a Rademacher vector z (entries ±1), E[z ⊙ Hz] = diag(H): the off-diagonal
 terms cancel in expectation because E[z_i z_j] = 0 for i ≠ j and z_i² = 1.  The
 Hessian-vector product Hz comes from differentiating g·z, where g is a gradient
-built with ``create_graph=True``; it costs about one more backward pass.
+built with ``create_graph=True``; it costs several backward passes (3.7× a plain
+backward for MiniLM on CPU: BENCHMARKS.md, "Step profile").
 """
 
 from __future__ import annotations
@@ -63,23 +64,30 @@ def rademacher_like(t: torch.Tensor, generator: torch.Generator, dtype: torch.dt
 
     int8 probes take a quarter of the memory of fp32 ones and hold ±1 exactly.
     """
-    # Drawn straight into the result: a large fresh buffer costs more than the draw.
-    z = torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
-    return z.random_(0, 2, generator=generator).mul_(2).sub_(1)
+    # Eight probes per random byte: one draw per element is what made the probes
+    # a visible share of a Hessian step (3× slower for a model's worth of them).
+    n = t.numel()
+    random_bytes = torch.empty((n + 7) // 8, dtype=torch.uint8, device=t.device).random_(0, 256, generator=generator)
+    shifts = torch.arange(8, dtype=torch.uint8, device=t.device)
+    bits = (random_bytes.unsqueeze(-1) >> shifts).bitwise_and_(1).view(-1)[:n]
+    z = bits.view(torch.int8) if (dtype or t.dtype) == torch.int8 else bits.to(dtype or t.dtype)
+    return z.mul_(2).sub_(1).view(t.shape)
 
 
 class _ProbeDot(torch.autograd.Function):
-    """Σ g ⊙ z for an int8 probe z, which is all that autograd keeps for the backward.
+    """Σ g ⊙ z for an int8 probe z, as far as autograd is concerned.
 
-    Differentiating Σ g ⊙ z through g's graph gives Hz; written as a plain
-    product, autograd would hold a float copy of every probe (one more
-    parameter-sized buffer) until the Hessian-vector product is done.
+    Differentiating Σ g ⊙ z through g's graph gives Hz.  Only that gradient is
+    ever used, never the product itself, so the forward returns a zero instead
+    of computing it (a parameter-sized conversion and dot product saved), and
+    autograd keeps only the int8 probe: written as a plain product, it would
+    hold a float copy of every probe until the Hessian-vector product is done.
     """
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(z)
-        return torch.dot(g.reshape(-1), z.reshape(-1).to(g.dtype))
+        return g.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
