@@ -85,11 +85,11 @@ def main() -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile, record_function
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from hf_adahessian import AdaHessian
-    from profile_hessian_step import load_batch
+    from profile_hessian_step import load_batch, minilm_for_training
     from sst2 import model_dir
 
     hf_logging.set_verbosity_error()
@@ -97,11 +97,6 @@ def main() -> None:
     torch.manual_seed(0)
     batch = load_batch(AutoTokenizer.from_pretrained(model_dir()), args.data_dir)
     head = {k: v[:4] for k, v in batch.items()}
-
-    def model_and_params():
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
-        model.train()
-        return model, [p for p in model.parameters() if p.requires_grad]
 
     def nbytes(tensors) -> float:
         return sum(t.numel() * t.element_size() for t in tensors) / MB
@@ -159,7 +154,7 @@ def main() -> None:
     phases = ["Hessian forward", "forward", "grad (graph)", "Hessian-vector", "backward", "clip", "update", "zero_grad"]
     results = {}
     for kind, (step, make_optimizer) in kinds.items():
-        model, params = model_and_params()
+        model, params = minilm_for_training()
         optimizer = make_optimizer(params)
         step(model, params, optimizer, lambda name: contextlib.nullcontext())  # the state exists from here on
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

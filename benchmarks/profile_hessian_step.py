@@ -53,6 +53,17 @@ def load_batch(tokenizer, data_dir: Path, n: int = 16, length: int = 64):
     return batch
 
 
+def minilm_for_training():
+    """The pretrained MiniLM with a fresh 2-label head, in train mode, and its trainable parameters."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sst2 import model_dir
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=15, help="measured rounds (default: %(default)s)")
@@ -60,6 +71,8 @@ def main() -> None:
     p.add_argument("--profile_steps", type=int, default=5, help="Hessian steps under torch.profiler (median)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=15, help="operators listed")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the peer packages' Hessian steps, interleaved (default: on)")
     p.add_argument("--output_dir", default=str(common.HERE / "results" / "profile_hessian_step"))
     p.add_argument("--data_dir", type=Path, default=common.DATA, help="the shared data (default: ../shared/data)")
     args = p.parse_args()
@@ -67,7 +80,7 @@ def main() -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile, record_function
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from hf_adahessian import AdaHessian
@@ -79,13 +92,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     batch = load_batch(tokenizer, args.data_dir)
 
-    def model_and_params():
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
-        model.train()
-        return model, [p for p in model.parameters() if p.requires_grad]
-
-    m_adam, p_adam = model_and_params()
-    m_ah, p_ah = model_and_params()
+    m_adam, p_adam = minilm_for_training()
+    m_ah, p_ah = minilm_for_training()
     adamw = torch.optim.AdamW(p_adam, lr=1e-5)
     # interval 2: Hessian and plain steps alternate, so each round measures one of each.
     adahessian = AdaHessian(p_ah, lr=1e-3, hessian_interval=2, block_size=32, seed=0)
@@ -137,8 +145,30 @@ def main() -> None:
         timed(t, "zero_grad", lambda: adahessian.zero_grad(set_to_none=True))
         return t
 
+    def peer_step(model, params, optimizer):
+        """The peers' way: backward(create_graph=True), then step() makes the probes and Hz itself."""
+        def step():
+            t = {}
+            with sdpa_kernel([SDPBackend.MATH]):
+                loss = timed(t, "forward", lambda: model(**batch).loss)
+                timed(t, "backward (graph)", lambda: loss.backward(create_graph=True))
+            del loss
+            timed(t, "clip", lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
+            timed(t, "update (with Hessian)", optimizer.step)
+            timed(t, "zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
+            return t
+        return step
+
     kinds = {"adamw step": adamw_step, "adahessian Hessian step": hessian_step,
              "adahessian step without Hessian": plain_step}
+    if args.peers:
+        # The peer packages' Hessian steps, interleaved with ours: a ratio that one busy moment
+        # cannot tilt, unlike two runs of sst2.py minutes apart.
+        from runner import build_peer
+
+        for name in ("torch_optimizer_adahessian", "pytorch_optimizer_adahessian", "sophiah_h1"):
+            model, params = minilm_for_training()
+            kinds[f"{name} Hessian step"] = peer_step(model, params, build_peer(common.PEERS[name], params, lr=1e-3))
     rounds = {k: [] for k in kinds}
     start = time.perf_counter()
     for i in range(args.warmup + args.repeats):
@@ -193,11 +223,15 @@ def main() -> None:
         [[t["op"], common.fmt(t["self_cpu_ms"], ".1f"), common.fmt(t["self_cpu_ms"] / total_self, ".1%"),
           common.fmt(t["calls"], ".0f")] for t in top])
 
+    ours = summary["adahessian Hessian step"]["total"]["median_s"]
+    peer_lines = "".join(f"{kind} / ours: {phases['total']['median_s'] / ours:.3f}×\n" for kind, phases in summary.items()
+                         if kind.endswith("Hessian step") and not kind.startswith("adahessian"))
     text = (f"## One AdaHessian Hessian step, MiniLM ({n_params / 1e6:.1f}M parameters), batch 16, length 64, "
             f"{args.threads} threads\n\nmedians over {args.repeats} interleaved rounds after {args.warmup} warm-up "
             f"rounds\n\n{table}\n\nHessian step / AdamW step: "
             f"{summary['adahessian Hessian step']['total']['median_s'] / adam_total:.2f}×; step without Hessian / "
             f"AdamW step: {summary['adahessian step without Hessian']['total']['median_s'] / adam_total:.2f}×\n\n"
+            f"{peer_lines}\n"
             f"### Top {args.top} operators by self CPU time (torch.profiler, median of {args.profile_steps} Hessian "
             f"steps; the profiler slows each operator a little)\n\n{op_table}\n")
     print("\n" + text)
