@@ -27,8 +27,10 @@ per-sample losses in one reduction and multiplies matrices of 2B rows, while
 each rank averages B and gloo then sums the two means and halves them.  The
 float32 rounding differs (~1e-7 relative), and the optimizers' normalisation
 (Adam's √v, AdaHessian's √v of a tiny Hessian) amplifies it on coordinates with
-a small denominator: the largest difference seen here is ~5e-6 on a parameter
-that moved by ~1 (relative 5e-6), against differences of ~0.1 without the all-reduce.
+a small denominator, and which coordinates have one depends on the probes: the
+largest differences seen here are ~3e-6 on parameters of size ~0.01 and ~5e-6 on
+parameters of size ~1, against 1e-3 to 0.1 without the all-reduce.  Hence an
+absolute tolerance of 5e-6 beside the relative 1e-5.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ SABOTAGED = {
 GRAD_ACC = {"adahessian": 1, "adahessian_i2_ga2": 2, "adamw": 1}
 
 # float32 round-off after 4 steps; see the module docstring.
-RTOL, ATOL = 1e-5, 1e-6
+RTOL, ATOL = 1e-5, 5e-6
 # What "different" means for the sabotaged runs, and how far training must move the parameters.
 CLEARLY_DIFFERENT = 1e-3
 

@@ -212,7 +212,10 @@ def test_accumulating_four_micro_batches_equals_one_large_batch(make_args, make_
     Same probes on every micro-batch make the summed estimate z ⊙ (Σ H_i) z the large
     batch's, up to fp32 rounding. Where that sum nearly cancels, the update
     lr·m̂/(√v̂ + eps) magnifies the rounding; eps=1e-2 (instead of 1e-4) keeps the
-    denominator away from zero so that the comparison can be tight.
+    denominator away from zero, and the absolute tolerances are 1e-5 of how far
+    training moved the parameters and of v's largest entry (which coordinates
+    nearly cancel depends on the probes, and a small entry may carry that
+    rounding too).
 
     ``loss_is_scaled_for_ga = False``: BertForSequenceClassification takes ``num_items_in_batch``
     in its ``**kwargs`` but its loss ignores it, so the stock Trainer (5.24) would skip the
@@ -231,13 +234,16 @@ def test_accumulating_four_micro_batches_equals_one_large_batch(make_args, make_
 
     assert accumulated.checked == 12  # every micro-batch was checked
     assert accumulated.adahessian.counters == large.adahessian.counters
+    initial = dict(make_bert().named_parameters())
+    moved = max((a - initial[name]).abs().max().item() for name, a in large.model.named_parameters())
+    assert moved > 1e-2, f"training barely moved the parameters ({moved}): the comparison would be vacuous"
     for (name, a), b in zip(large.model.named_parameters(), accumulated.model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * moved, msg=name)
     v_large = optimizer_state(large, "exp_hessian_diag_sq")
     v_accumulated = optimizer_state(accumulated, "exp_hessian_diag_sq")
     scale = max(v.abs().max().item() for v in v_large)
     for a, b in zip(v_large, v_accumulated):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(logged(accumulated), logged(large), rtol=1e-5, atol=1e-6)
 
 
