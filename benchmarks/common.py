@@ -431,6 +431,28 @@ def run_experiment(title: str, script: str, args, registry: dict, budget: dict, 
     return records
 
 
+def resolve_budget(args, budgets: dict) -> dict:
+    """The mode's budget (quick, search for ``--lr_grid``, else full), with the command line's overrides."""
+    budget = dict(budgets["quick" if args.quick else "search" if args.lr_grid else "full"])
+    for key, flag in (("max_steps", args.max_steps), ("train_samples", args.max_train_samples),
+                      ("eval_samples", args.max_eval_samples), ("warmup_skip", args.warmup_skip)):
+        if flag is not None:
+            budget[key] = flag
+    return budget
+
+
+def data_files(args, data: Path, budget: dict) -> tuple[Path, Path]:
+    """The training and validation files the runs read: in quick mode, slices cut on disk
+    (no tokenizing of the whole set per run), with a datasets cache the children inherit."""
+    train, valid = data / "train.jsonl", data / "validation.jsonl"
+    if args.quick:
+        tmp = quick_data_dir()
+        os.environ["HF_DATASETS_CACHE"] = str(tmp / "datasets_cache")
+        train = write_slice(train, tmp / "train.jsonl", budget["train_samples"])
+        valid = write_slice(valid, tmp / "validation.jsonl", budget["eval_samples"])
+    return train, valid
+
+
 def default_out_dir(args, name: str) -> Path:
     if args.output_dir:
         return Path(args.output_dir).resolve()

@@ -20,7 +20,6 @@ measured step allocates what a step in the middle of training allocates.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -28,38 +27,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from profile_hessian_step import minilm_for_training, profile_parser, setup  # noqa: E402
 
 MB = 2**20
 
 
-def allocation_events(prof) -> list[tuple[int, int]]:
-    """(time ns, bytes: + allocated / - freed) of every CPU allocation the profiler saw, in time order."""
-    out = []
+def events_and_ranges(prof, phases) -> tuple[list[tuple[int, int]], dict[str, tuple[int, int]]]:
+    """In one walk of the profiler's tree: (time ns, bytes: + allocated / - freed) of every CPU
+    allocation, in time order, and the (start, end) ns of each labelled phase."""
+    events, ranges = [], {}
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         fields = node.extra_fields
         if type(fields).__name__.endswith("Allocation") and str(fields.device) == "cpu":
-            out.append((node.start_time_ns, fields.alloc_size))
-        stack.extend(node.children)
-    return sorted(out)
-
-
-def phase_ranges(prof, phases) -> dict[str, tuple[int, int]]:
-    ranges = {}
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.name in phases and node.name not in ranges:
+            events.append((node.start_time_ns, fields.alloc_size))
+        elif node.name in phases and node.name not in ranges:
             ranges[node.name] = (node.start_time_ns, node.end_time_ns)
         stack.extend(node.children)
-    return ranges
+    return sorted(events), ranges
 
 
 def memory_by_phase(prof, phases: list[str]) -> dict[str, dict[str, float]]:
     """For each phase: MB live at its end and its peak, both above the step's start."""
-    events = allocation_events(prof)
-    ranges = phase_ranges(prof, phases)
+    events, ranges = events_and_ranges(prof, phases)
     out, live, i = {}, 0, 0
     for phase in sorted(ranges, key=lambda p: ranges[p][0]):
         start, end = ranges[phase]
@@ -76,26 +67,15 @@ def memory_by_phase(prof, phases: list[str]) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output_dir", default=str(common.HERE / "results" / "memory_hessian_step"))
-    p.add_argument("--data_dir", type=Path, default=common.DATA, help="the shared data (default: ../shared/data)")
-    args = p.parse_args()
+    args = profile_parser(__doc__, "memory_hessian_step").parse_args()
 
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile, record_function
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from hf_adahessian import AdaHessian
-    from profile_hessian_step import load_batch, minilm_for_training
-    from sst2 import model_dir
 
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    batch = load_batch(AutoTokenizer.from_pretrained(model_dir()), args.data_dir)
+    batch = setup(args)
     head = {k: v[:4] for k, v in batch.items()}
 
     def nbytes(tensors) -> float:
@@ -112,12 +92,14 @@ def main() -> None:
         with label("zero_grad"):
             optimizer.zero_grad(set_to_none=True)
 
-    def adamw_step(model, params, optimizer, label):
+    def backward_pass(model, label):
         with label("forward"):
             loss = model(**batch).loss
         with label("backward"):
             loss.backward()
-        del loss
+
+    def adamw_step(model, params, optimizer, label):
+        backward_pass(model, label)
         finish(optimizer, params, label)
 
     def hessian_pass(model, params, optimizer, rows, label, add_grad):
@@ -138,11 +120,7 @@ def main() -> None:
     def quarter_hessian_step(model, params, optimizer, label):
         optimizer.begin_hessian_accumulation()
         hessian_pass(model, params, optimizer, head, label, add_grad=False)
-        with label("forward"):
-            loss = model(**batch).loss
-        with label("backward"):
-            loss.backward()
-        del loss
+        backward_pass(model, label)
         finish(optimizer, params, label)
 
     kinds = {

@@ -14,7 +14,6 @@ and every optimizer starts from those same weights. Training goes through
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -65,20 +64,11 @@ def build_model(out_dir: Path, data: Path, env: dict) -> tuple[Path, list[str], 
 def main() -> None:
     parser = common.base_parser(__doc__, list(OPTIMIZERS), DEFAULT)
     args = parser.parse_args()
-    budget = dict(BUDGETS["quick" if args.quick else "search" if args.lr_grid else "full"])
-    for key, flag in (("max_steps", args.max_steps), ("train_samples", args.max_train_samples),
-                      ("eval_samples", args.max_eval_samples), ("warmup_skip", args.warmup_skip)):
-        if flag is not None:
-            budget[key] = flag
+    budget = common.resolve_budget(args, BUDGETS)
     out_dir = common.default_out_dir(args, NAME)
     data = common.require_data(args.data_dir, "multi30k")
     model, build_cmd, build_s = build_model(out_dir, data, common.bench_env(args.threads))
-    train, valid = data / "train.jsonl", data / "validation.jsonl"
-    if args.quick:
-        tmp = common.quick_data_dir()
-        os.environ["HF_DATASETS_CACHE"] = str(tmp / "datasets_cache")  # the children inherit it
-        train = common.write_slice(train, tmp / "train.jsonl", budget["train_samples"])
-        valid = common.write_slice(valid, tmp / "validation.jsonl", budget["eval_samples"])
+    train, valid = common.data_files(args, data, budget)
     warmup = max(1, round(0.1 * budget["max_steps"]))
 
     def script_args(run_dir: Path) -> list[str]:

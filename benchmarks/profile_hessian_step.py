@@ -53,6 +53,29 @@ def load_batch(tokenizer, data_dir: Path, n: int = 16, length: int = 64):
     return batch
 
 
+def profile_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """The options both step profiles take: threads, output folder, data folder."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output_dir", default=str(common.HERE / "results" / name))
+    p.add_argument("--data_dir", type=Path, default=common.DATA, help="the shared data (default: ../shared/data)")
+    return p
+
+
+def setup(args):
+    """Threads, quiet transformers, a fixed seed; the profiled batch of 16 SST-2 sentences."""
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from sst2 import model_dir
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return load_batch(AutoTokenizer.from_pretrained(model_dir()), args.data_dir)
+
+
 def minilm_for_training():
     """The pretrained MiniLM with a fresh 2-label head, in train mode, and its trainable parameters."""
     from transformers import AutoModelForSequenceClassification
@@ -65,33 +88,22 @@ def minilm_for_training():
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = profile_parser(__doc__, "profile_hessian_step")
     p.add_argument("--repeats", type=int, default=15, help="measured rounds (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="rounds left out (default: %(default)s)")
     p.add_argument("--profile_steps", type=int, default=5, help="Hessian steps under torch.profiler (median)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=15, help="operators listed")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the peer packages' Hessian steps, interleaved (default: on)")
-    p.add_argument("--output_dir", default=str(common.HERE / "results" / "profile_hessian_step"))
-    p.add_argument("--data_dir", type=Path, default=common.DATA, help="the shared data (default: ../shared/data)")
     args = p.parse_args()
 
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile, record_function
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from hf_adahessian import AdaHessian
-    from sst2 import model_dir
 
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    batch = load_batch(tokenizer, args.data_dir)
-
+    batch = setup(args)
     m_adam, p_adam = minilm_for_training()
     m_ah, p_ah = minilm_for_training()
     adamw = torch.optim.AdamW(p_adam, lr=1e-5)
@@ -104,15 +116,6 @@ def main() -> None:
         out = fn()
         times[key] = time.perf_counter() - t
         return out
-
-    def adamw_step():
-        t = {}
-        loss = timed(t, "forward", lambda: m_adam(**batch).loss)
-        timed(t, "backward", loss.backward)
-        timed(t, "clip", lambda: torch.nn.utils.clip_grad_norm_(p_adam, 1.0))
-        timed(t, "update", adamw.step)
-        timed(t, "zero_grad", lambda: adamw.zero_grad(set_to_none=True))
-        return t
 
     def hessian_step(label=lambda name: contextlib.nullcontext()):
         assert adahessian.is_hessian_step()
@@ -135,29 +138,28 @@ def main() -> None:
             timed(t, "zero_grad", lambda: adahessian.zero_grad(set_to_none=True))
         return t
 
-    def plain_step():
-        assert not adahessian.is_hessian_step()
-        t = {}
-        loss = timed(t, "forward", lambda: m_ah(**batch).loss)
-        timed(t, "backward", loss.backward)
-        timed(t, "clip", lambda: torch.nn.utils.clip_grad_norm_(p_ah, 1.0))
-        timed(t, "update", adahessian.step)
-        timed(t, "zero_grad", lambda: adahessian.zero_grad(set_to_none=True))
-        return t
-
-    def peer_step(model, params, optimizer):
-        """The peers' way: backward(create_graph=True), then step() makes the probes and Hz itself."""
+    def backward_step(model, params, optimizer, create_graph=False):
+        """forward, backward, clip, step(), zero_grad: AdamW's step, ours between two estimates, and
+        the peers' Hessian steps (backward(create_graph=True); their step() makes probes and Hz)."""
         def step():
             t = {}
-            with sdpa_kernel([SDPBackend.MATH]):
+            with sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext():
                 loss = timed(t, "forward", lambda: model(**batch).loss)
-                timed(t, "backward (graph)", lambda: loss.backward(create_graph=True))
+                timed(t, "backward (graph)" if create_graph else "backward",
+                      lambda: loss.backward(create_graph=create_graph))
             del loss
             timed(t, "clip", lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
-            timed(t, "update (with Hessian)", optimizer.step)
+            timed(t, "update (with Hessian)" if create_graph else "update", optimizer.step)
             timed(t, "zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
             return t
         return step
+
+    adamw_step = backward_step(m_adam, p_adam, adamw)
+    between_estimates = backward_step(m_ah, p_ah, adahessian)
+
+    def plain_step():
+        assert not adahessian.is_hessian_step()
+        return between_estimates()
 
     kinds = {"adamw step": adamw_step, "adahessian Hessian step": hessian_step,
              "adahessian step without Hessian": plain_step}
@@ -168,7 +170,8 @@ def main() -> None:
 
         for name in ("torch_optimizer_adahessian", "pytorch_optimizer_adahessian", "sophiah_h1"):
             model, params = minilm_for_training()
-            kinds[f"{name} Hessian step"] = peer_step(model, params, build_peer(common.PEERS[name], params, lr=1e-3))
+            kinds[f"{name} Hessian step"] = backward_step(model, params, build_peer(common.PEERS[name], params, lr=1e-3),
+                                                          create_graph=True)
     rounds = {k: [] for k in kinds}
     start = time.perf_counter()
     for i in range(args.warmup + args.repeats):
