@@ -17,13 +17,14 @@
 A port of transformers' examples/pytorch/text-classification/run_glue.py (5.x). What differs:
   * the trainer and its arguments are hf_adahessian's, so `--optim adahessian --optim_args "hessian_power=0.5,..."`
     work; every other flag is the stock Trainer's;
-  * metrics are computed offline (hf_adahessian.metrics), not with `evaluate.load`;
+  * metrics are computed offline (hf_adahessian.examples.metrics), not with `evaluate.load`;
   * with `--task_name`, local `--train_file`/`--validation_file`/`--test_file` are read with that GLUE task's columns,
     label names (labels may be ids or names) and metric, so GLUE data need not come from the Hub; `--dataset_name`
     wins over the Hub's GLUE when both are given;
   * local files are loaded one at a time, so a test file may come without labels; `.jsonl` is accepted;
   * `--do_predict` no longer needs a test split unless it is asked for; `--preprocessing_num_workers` is there;
-  * `--overwrite_output_dir`, which transformers 5 dropped from TrainingArguments, is kept here with its old meaning;
+  * `--overwrite_output_dir`, which transformers 5 dropped, is back (in the AdaHessian argument classes);
+  * auto-resume skips a checkpoint folder that a kill left incomplete, and says so;
   * bad arguments or data end in one line, `error: ...`, and exit status 2, instead of a traceback.
 """
 # You can also adapt this script on your own text classification task. Pointers for this are left as comments.
@@ -50,8 +51,8 @@ from transformers import (
 )
 
 from hf_adahessian import AdaHessianTrainer, AdaHessianTrainingArguments
-from hf_adahessian.examples import ModelArguments, UsageError, detect_last_checkpoint, parse_arguments, run_script, setup_logging
-from hf_adahessian.metrics import GLUE_TASKS, glue_metrics
+from hf_adahessian.examples.script_support import ModelArguments, UsageError, detect_last_checkpoint, parse_arguments, run_script, setup_logging
+from hf_adahessian.examples.metrics import GLUE_TASKS, glue_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -139,15 +140,6 @@ class DataTrainingArguments:
         default=None, metadata={"help": "A csv or a json file containing the validation data."}
     )
     test_file: Optional[str] = field(default=None, metadata={"help": "A csv or a json file containing the test data."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Train from scratch even if --output_dir holds checkpoints or other files (a TrainingArguments flag "
-                "before transformers 5, kept here for the examples' behaviour)."
-            )
-        },
-    )
 
     def __post_init__(self):
         if self.task_name is not None:
@@ -244,7 +236,7 @@ def main():
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, AdaHessianTrainingArguments))
     model_args, data_args, training_args = parse_arguments(parser)
     setup_logging(logger, training_args)
-    last_checkpoint = detect_last_checkpoint(logger, training_args, data_args.overwrite_output_dir)
+    last_checkpoint = detect_last_checkpoint(logger, training_args)
 
     # Set seed before initializing model.
     set_seed(training_args.seed)

@@ -18,10 +18,11 @@ Fine-tuning the library models for sequence to sequence, with `--optim adahessia
 A port of transformers' examples/pytorch/translation/run_translation.py (5.x). What differs:
   * the trainer and its arguments are hf_adahessian's, so `--optim adahessian --optim_args "hessian_power=0.5,..."`
     work; every other flag is the stock Seq2SeqTrainer's;
-  * BLEU is sacreBLEU's corpus score computed offline (hf_adahessian.metrics), not with `evaluate.load`;
+  * BLEU is sacreBLEU's corpus score computed offline (hf_adahessian.examples.metrics), not with `evaluate.load`;
   * local files are loaded one at a time and checked for the `translation` field and both languages;
   * `--ignore_mismatched_sizes` is there, as in run_glue; the T5 prefix warning also knows local T5 folders;
-  * `--overwrite_output_dir`, which transformers 5 dropped from TrainingArguments, is kept here with its old meaning;
+  * `--overwrite_output_dir`, which transformers 5 dropped, is back (in the AdaHessian argument classes);
+  * auto-resume skips a checkpoint folder that a kill left incomplete, and says so;
   * bad arguments or data end in one line, `error: ...`, and exit status 2, instead of a traceback.
 """
 # You can also adapt this script on your own sequence to sequence task. Pointers for this are left as comments.
@@ -52,8 +53,8 @@ from transformers import (
 )
 
 from hf_adahessian import AdaHessianSeq2SeqTrainer, AdaHessianSeq2SeqTrainingArguments
-from hf_adahessian.examples import ModelArguments, UsageError, detect_last_checkpoint, parse_arguments, run_script, setup_logging
-from hf_adahessian.metrics import bleu
+from hf_adahessian.examples.script_support import ModelArguments, UsageError, detect_last_checkpoint, parse_arguments, run_script, setup_logging
+from hf_adahessian.examples.metrics import bleu
 
 
 logger = logging.getLogger(__name__)
@@ -194,15 +195,6 @@ class DataTrainingArguments:
         },
     )
 
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Train from scratch even if --output_dir holds checkpoints or other files (a TrainingArguments flag "
-                "before transformers 5, kept here for the examples' behaviour)."
-            )
-        },
-    )
 
     def __post_init__(self):
         if self.dataset_name is None and self.train_file is None and self.validation_file is None:
@@ -271,7 +263,7 @@ def main():
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, AdaHessianSeq2SeqTrainingArguments))
     model_args, data_args, training_args = parse_arguments(parser)
     setup_logging(logger, training_args)
-    last_checkpoint = detect_last_checkpoint(logger, training_args, data_args.overwrite_output_dir)
+    last_checkpoint = detect_last_checkpoint(logger, training_args)
 
     # Set seed before initializing model.
     set_seed(training_args.seed)

@@ -5,7 +5,7 @@
     python benchmarks/multi30k.py --lr_grid               # learning-rate search on the search budget
 
 The model folder is made at the start of every invocation by the package's own command,
-``python -m hf_adahessian.models --model_type marian --size small --train_file ...``
+``python -m hf_adahessian.examples.models --model_type marian --size small --train_file ...``
 (3+3 layers, d_model 256, a Unigram vocabulary of 8,000 trained on both languages, seed 0),
 and every optimizer starts from those same weights. Training goes through
 ``run_translation.py``; BLEU is sacreBLEU on the validation split, greedy decoding
@@ -53,7 +53,7 @@ def build_model(out_dir: Path, data: Path, env: dict) -> tuple[Path, list[str], 
     """The package's own model-folder command (rebuilt every time: ~15 s, deterministic, never stale)."""
     model = out_dir / "runs" / "model"  # runs/ is git-ignored
     shutil.rmtree(model, ignore_errors=True)
-    cmd = [sys.executable, "-m", "hf_adahessian.models", "--model_type", "marian", "--size", "small",
+    cmd = [sys.executable, "-m", "hf_adahessian.examples.models", "--model_type", "marian", "--size", "small",
            "--train_file", str(data / "train.jsonl"), "--output_dir", str(model), "--seed", "0"]
     print(f"building the model folder: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()

@@ -5,59 +5,74 @@
     p  ← p − lr·wd·p                            decoupled weight decay
     p  ← p − lr · m̂_t / ((√v̂_s)^k + eps)        m̂ = m/(1 − β1^t), v̂ = v/(1 − β2^s)
 
-D is Hutchinson's |z ⊙ Hz| averaged over blocks (see ``hutchinson.py``).  As in
-``torch/optim/adam.py``, one class holds groups, state and validation, and a
-functional core below it has a for-loop and a ``foreach`` implementation.
+D is Hutchinson's |z ⊙ Hz| averaged over blocks (``estimate.py``).  As in
+``torch/optim/adamw.py``, the class gathers each group's lists and lazily makes
+state (``_init_group``), then a functional core (``adahessian``) with a for-loop
+and a ``foreach`` implementation does the arithmetic.
 
-Two ways to feed it the Hessian:
+Curvature is per coordinate: v and its bias correction advance only for the rows
+(slices along the first dimension) that an estimate observed.  An embedding row no
+token of the Hessian batch used keeps its v; a row no estimate has seen yet is
+divided by the tensor's mean v̂ over the rows that were seen, never by eps alone.
+Where every row is seen on every Hessian step (dense layers, or a batch that covers
+every row) this is exactly the rule above.
+
+Three ways to feed it the Hessian:
 
 * standalone, as the earlier AdaHessian packages: ``loss.backward(create_graph=True)``
   then ``step()``, which takes Hz from the gradients' graph and frees it;
-* micro-batch by micro-batch (what the Trainer does): ``accumulate_hessian(loss)``
-  for each, then ``step()`` consumes the accumulated estimate.
+* micro-batch by micro-batch: ``est = opt.estimate()``, ``est.accumulate(loss_i)`` for
+  each, ``est.all_reduce_()`` under data parallelism, then ``step()``;
+* with ``hessian_estimator="finite_difference"``, ``step(closure)``: the closure runs at
+  θ and again at θ + εz (no double backward).  ``AdaHessianTrainer`` does all this itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
-from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
+from torch.optim.optimizer import Optimizer
 
-from .hutchinson import ProbeGenerator, block_average_, hutchinson_diagonal
+from .estimate import HessianEstimate, block_average_, observed_rows
+from .estimators import DEFAULT_FD_STEP, closure_difference
+from .validation import HyperparameterError, check_group_hyperparameters, check_optimizer_hyperparameters
 
-__all__ = ["AdaHessian", "adahessian"]
+__all__ = ["AdaHessian", "HessianStats", "adahessian"]
 
 _STATE_KEYS = ("exp_avg", "exp_hessian_diag_sq")
 
 NO_GRAPH_MESSAGE = (
     "AdaHessian needs a Hessian-vector product on this step (hessian_interval={interval}, "
     "optimizer step {step}), but no parameter's gradient carries a graph. Call "
-    "loss.backward(create_graph=True) before optimizer.step(), call "
-    "optimizer.accumulate_hessian(loss) for each micro-batch, or train with "
+    "loss.backward(create_graph=True) before optimizer.step(), feed optimizer.estimate().accumulate(loss) "
+    "for each micro-batch, pass a closure with hessian_estimator=\"finite_difference\", or train with "
     "hf_adahessian.AdaHessianTrainer, which does this for you."
 )
 
-
-def _check(name: str, ok: bool, value, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"AdaHessian: invalid {name}={value!r}; expected {expected}.")
-
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-           value, f"an integer >= {minimum}")
+# Under an AMP loss scale the second backward of the exact estimator runs at a scale of
+# its own, which backs off when an estimate overflows and grows back after a run of
+# finite ones, as torch's GradScaler does for the gradient: at the GradScaler's default
+# 2^16 the Hessian-vector product of a BERT overflows fp16 where no gradient does.
+HESSIAN_SCALE_INIT = 2.0**10
+HESSIAN_SCALE_GROWTH_INTERVAL = 200
 
 
-def _validate_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, block_size) -> None:
-    _check("lr", isinstance(lr, (int, float)) and lr > 0, lr, "a positive number (recipes use 0.15 from scratch, "
-           "~1e-3 to 3e-2 for fine-tuning)")
-    _check("betas", len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), betas, "two numbers in [0, 1)")
-    _check("eps", eps > 0, eps, "a positive number (the authors' recipes use 1e-4)")
-    _check("weight_decay", weight_decay >= 0, weight_decay, "a number >= 0")
-    _check("hessian_power", 0.0 <= hessian_power <= 1.0, hessian_power, "a number in [0, 1] (1 or 0.5 in the recipes)")
-    _check_int("block_size", block_size)
+@dataclasses.dataclass
+class HessianStats:
+    """What the optimizer has done, saved with its state and logged by the Trainer."""
+
+    step: int = 0
+    hessian_updates: int = 0
+    skipped_hessian_updates: int = 0
+    skipped_steps: int = 0
+    last_hessian_mean: float = float("nan")
+
+    def counters(self) -> dict[str, int]:
+        return {"step": self.step, "hessian_updates": self.hessian_updates,
+                "skipped_hessian_updates": self.skipped_hessian_updates, "skipped_steps": self.skipped_steps}
 
 
 class AdaHessian(Optimizer):
@@ -73,14 +88,18 @@ class AdaHessian(Optimizer):
         weight_decay: decoupled (AdamW-style) weight decay.
         hessian_power: k in (√v̂)^k, in [0, 1]; 1 is AdaHessian, 0 is Adam-like momentum SGD.
         hessian_interval: estimate the Hessian on steps 1, 1+N, 1+2N, …; in between the
-            last v is reused and no double backward is needed.
+            last v is reused and no Hessian pass is needed.
         n_samples: Rademacher probes per Hessian estimate.
         block_size: average |D| over contiguous blocks of this size along the last
             dimension of tensors with two or more dims (32 in the transformer recipe).
         average_conv_kernel: average |D| of 4-D conv kernels over their spatial dims.
-        seed: seed of the probe generator (its own ``torch.Generator``; the global RNG is
-            never touched). ``None`` takes ``torch.initial_seed()``.
-        foreach: use the ``torch._foreach_*`` kernels; ``None`` picks as torch.optim does.
+        hessian_estimator: ``"exact"`` (the paper's double backward) or
+            ``"finite_difference"`` (two ordinary gradient passes; see ``estimators.py``).
+        fd_step: the finite-difference perturbation ε·z as a share of ‖θ‖; None picks
+            it by the parameters' dtype (1e-3 for fp32).
+        seed: seed of the probes, which are drawn from (seed, step, parameter) and never
+            from the global RNG. ``None`` takes ``torch.initial_seed()``.
+        foreach: use the ``torch._foreach_*`` kernels; ``None`` picks them on GPUs.
     """
 
     def __init__(
@@ -95,12 +114,16 @@ class AdaHessian(Optimizer):
         n_samples: int = 1,
         block_size: int = 1,
         average_conv_kernel: bool = True,
+        hessian_estimator: Literal["exact", "finite_difference"] = "exact",
+        fd_step: float | None = None,
         seed: int | None = None,
         foreach: bool | None = None,
     ):
-        _validate_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, block_size)
-        _check_int("hessian_interval", hessian_interval)
-        _check_int("n_samples", n_samples)
+        try:
+            check_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, block_size)
+            check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_step)
+        except HyperparameterError as err:
+            raise ValueError(f"AdaHessian: {err}") from None
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
             block_size=block_size, average_conv_kernel=average_conv_kernel, foreach=foreach,
@@ -108,184 +131,221 @@ class AdaHessian(Optimizer):
         super().__init__(params, defaults)
         self.hessian_interval = hessian_interval
         self.n_samples = n_samples
-        self.probes = ProbeGenerator(torch.initial_seed() if seed is None else seed)
-        # Counters that belong to the optimizer as a whole, saved with its state.
-        self.counters = {"step": 0, "hessian_updates": 0, "skipped_hessian_updates": 0}
-        self.last_hessian_mean = float("nan")
-        # Signed sums of z ⊙ Hz over the micro-batches of the step being built.
-        self._pending: dict[torch.Tensor, torch.Tensor] = {}
-        self._probe_snapshot: dict | None = None
+        self.hessian_estimator = hessian_estimator
+        self.fd_step = fd_step
+        self.seed = torch.initial_seed() if seed is None else int(seed)
+        self.stats = HessianStats()
+        self.hessian_scale = HESSIAN_SCALE_INIT
+        self._finite_scaled_estimates = 0
+        self._estimate: HessianEstimate | None = None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_group_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                                         group["hessian_power"], group["block_size"])
+        try:
+            check_group_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                                        group["hessian_power"], group["block_size"])
+        except HyperparameterError as err:
+            raise ValueError(f"AdaHessian: {err}") from None
+        for p in group["params"]:
+            if p.dtype == torch.float16:
+                raise ValueError(
+                    "AdaHessian: a parameter is float16. Hessian-vector products overflow fp16 weights and "
+                    "every estimate would be skipped; keep the weights in fp32 and train with fp16 mixed "
+                    "precision (--fp16, autocast + GradScaler), or use bfloat16."
+                )
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.stats.counters()
+
+    @property
+    def last_hessian_mean(self) -> float:
+        return self.stats.last_hessian_mean
 
     # ------------------------------------------------------------------ Hessian input
     def is_hessian_step(self) -> bool:
         """Whether the next ``step()`` updates the Hessian moving average."""
-        return self.counters["step"] % self.hessian_interval == 0
+        return self.stats.step % self.hessian_interval == 0
 
     def trainable_params(self) -> list[torch.Tensor]:
-        """The parameters AdaHessian estimates and updates, in group order (the order of ``grads``)."""
+        """The parameters AdaHessian estimates and updates, in group order (the order of the probes)."""
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def begin_hessian_accumulation(self) -> None:
-        """Start the estimate of a new step: drop partial sums, pin this step's probes.
+    def estimate(self, key=None) -> HessianEstimate:
+        """This step's estimate: made on the first call, the same object until ``step()`` or ``zero_grad()``.
 
-        Every micro-batch of a step uses the same probes z, so that accumulating k
-        micro-batches estimates z ⊙ (Σ H_i) z exactly as one large batch would.
+        ``key`` names the optimizer step the caller is building (the Trainer passes its
+        ``global_step``): a call with another key starts afresh, so a step that a loss
+        scaler skipped leaves nothing behind.
         """
-        self._pending.clear()
-        self._probe_snapshot = self.probes.state_dict()
+        est = self._estimate
+        if est is None or est.key != key:
+            est = self._estimate = HessianEstimate(self.trainable_params(), self.seed, self.stats.step,
+                                                   self.n_samples, key=key, hessian_scale=self.hessian_scale)
+        return est
 
-    def accumulate_hessian(
-        self,
-        loss: torch.Tensor | None = None,
-        *,
-        grads: Iterable[torch.Tensor | None] | None = None,
-        scale: float = 1.0,
-        add_grad: bool = True,
-    ) -> None:
-        """Add one micro-batch's z ⊙ Hz / ``scale`` to the step's estimate and its gradient to ``.grad``.
-
-        Pass the micro-batch loss exactly as it would go to ``backward()`` (already
-        divided for gradient accumulation, already multiplied by an AMP loss scale),
-        or ``grads`` made with ``create_graph=True`` for the trainable parameters in
-        group order.  ``scale`` is the AMP loss scale: the Hessian estimate is stored
-        unscaled, while ``.grad`` stays scaled for the GradScaler to unscale.  The
-        double-backward graph is released before this returns.  ``add_grad=False``
-        estimates the Hessian only, when ``.grad`` comes from another backward.
-        """
+    def relative_fd_step(self) -> float:
+        if self.fd_step is not None:
+            return self.fd_step
         params = self.trainable_params()
-        if grads is None:
-            if loss is None:
-                raise ValueError("accumulate_hessian needs either loss or grads.")
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        grads = list(grads)
-        if len(grads) != len(params):
-            raise ValueError(f"accumulate_hessian got {len(grads)} grads for {len(params)} trainable parameters.")
-        if self._probe_snapshot is None:
-            self.begin_hessian_accumulation()
-        else:
-            self.probes.load_state_dict(self._probe_snapshot)
-        estimates = hutchinson_diagonal(grads, params, self.probes, self.n_samples, scale)
-        with torch.no_grad():
-            for p, g, d in zip(params, grads, estimates):
-                acc = self._pending.get(p)
-                self._pending[p] = d if acc is None else acc.add_(d)
-                if g is None or not add_grad:
-                    continue
-                g = g.detach()
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
+        dtype = params[0].dtype if params else torch.float32
+        return DEFAULT_FD_STEP.get(dtype, 1e-3)
 
-    def pending_hessian(self) -> list[torch.Tensor]:
-        """The partial estimates of this step, for an all-reduce across processes."""
-        return list(self._pending.values())
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._estimate = None
 
-    def _estimate_from_grad_graph(self) -> None:
+    def _estimate_from_grad_graph(self) -> HessianEstimate:
         params = self.trainable_params()
-        # Parameters without a grad still draw their probes, as in accumulate_hessian,
-        # so that both ways in see the same probe stream.
         grads = [p.grad for p in params]
-        if not any(g is not None and g.requires_grad for g in grads):
-            raise RuntimeError(NO_GRAPH_MESSAGE.format(interval=self.hessian_interval,
-                                                       step=self.counters["step"] + 1))
-        self.begin_hessian_accumulation()
+        if self.hessian_estimator != "exact" or not any(g is not None and g.requires_grad for g in grads):
+            raise RuntimeError(NO_GRAPH_MESSAGE.format(interval=self.hessian_interval, step=self.stats.step + 1))
+        est = self.estimate(key=("graph", self.stats.step))
         with torch.enable_grad():
-            estimates = hutchinson_diagonal(grads, params, self.probes, self.n_samples)
-        self._pending.update((p, d) for p, d, g in zip(params, estimates, grads) if g is not None)
-
-    def _take_hessian(self) -> dict[torch.Tensor, torch.Tensor] | None:
-        """|D|, block-averaged per group, or None when the estimate is not finite."""
-        pending, self._pending, self._probe_snapshot = self._pending, {}, None
-        diag: dict[torch.Tensor, torch.Tensor] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in pending:
-                    diag[p] = block_average_(pending[p].abs_(), group["block_size"], group["average_conv_kernel"])
-        if not diag:
-            return {}
-        ds = list(diag.values())
-        total = torch.stack([d.sum() for d in ds]).sum().item()
-        if not math.isfinite(total):
-            self.counters["skipped_hessian_updates"] += 1
-            return None
-        self.last_hessian_mean = total / sum(d.numel() for d in ds)
-        self.counters["hessian_updates"] += 1
-        return diag
+            est.accumulate(grads=grads, add_grad=False)
+        return est
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        hessian_step = self.is_hessian_step()
         loss = None
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        hessian_step = self.is_hessian_step()
-        diag = None
-        if hessian_step:
-            if not self._pending:
-                self._estimate_from_grad_graph()
-            diag = self._take_hessian()
+            if hessian_step and self.hessian_estimator == "finite_difference":
+                loss = closure_difference(self.estimate(), closure, self.relative_fd_step())
+            else:
+                with torch.enable_grad():
+                    loss = closure()
+        estimate, self._estimate = self._estimate, None
+        if not hessian_step:
+            estimate = None
+        elif estimate is None:
+            estimate = self._estimate_from_grad_graph()
         else:
-            self._pending.clear()
-            self._probe_snapshot = None
-        self.counters["step"] += 1
+            estimate.finish_()
+
+        diags = self._hessian_diagonals(estimate) if estimate is not None else {}
+        grads = []
+        for p in self.trainable_params():
+            if p.grad is None:
+                continue
+            if p.grad.requires_grad:
+                # create_graph=True leaves grad -> graph -> param -> grad: a cycle
+                # that keeps the whole graph alive unless the grad is detached.
+                p.grad = p.grad.detach()
+            if p.grad.is_sparse:
+                raise RuntimeError("AdaHessian does not support sparse gradients (nn.Embedding(sparse=True)).")
+            grads.append(p.grad)
+
+        # One host sync per step: is the gradient finite; on Hessian steps, is the
+        # estimate, and which tensors did it observe only in part.
+        checks = [torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()] if grads else []
+        for d, rows in diags.values():
+            checks += [d.sum().float(), rows.logical_not().sum().float()]
+        device = checks[0].device if checks else None
+        values = torch.stack([c.to(device) for c in checks]).tolist() if checks else []
+        if grads and not math.isfinite(values[0]):
+            # A bad batch: nothing moves, nothing is counted as done, the next step redoes this one.
+            self.stats.skipped_steps += 1
+            return loss
+        observed = self._observed_or_skip(estimate, diags, values[1 if grads else 0:])
+        self.stats.step += 1
 
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_hs, ds, steps, hsteps = [], [], [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.requires_grad:
-                    # create_graph=True leaves grad -> graph -> param -> grad: a cycle
-                    # that keeps the whole graph alive unless the grad is detached.
-                    p.grad = p.grad.detach()
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdaHessian does not support sparse gradients.")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["hessian_step"] = 0
-                    for key in _STATE_KEYS:
-                        state[key] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
-                state["step"] += 1
-                d = diag.get(p) if diag else None
-                if d is not None:
-                    state["hessian_step"] += 1
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_hs.append(state["exp_hessian_diag_sq"])
-                ds.append(d)
-                steps.append(state["step"])
-                hsteps.append(state["hessian_step"])
-            if not params:
+            lists = self._init_group(group, observed)
+            if not lists[0]:
                 continue
-            foreach = group["foreach"]
-            if foreach is None:
-                _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
             beta1, beta2 = group["betas"]
             adahessian(
-                params, grads, exp_avgs, exp_hs, ds, steps, hsteps,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"], foreach=foreach,
+                *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"], foreach=group["foreach"],
             )
         return loss
+
+    def _hessian_diagonals(self, estimate: HessianEstimate) -> dict:
+        """|D| block-averaged per group, in place in the estimate's sums, with the rows each observed."""
+        groups = {p: g for g in self.param_groups for p in g["params"]}
+        out = {}
+        for p, s in zip(estimate.params, estimate.sums):
+            if s is None:
+                continue
+            rows = observed_rows(s)
+            group = groups[p]
+            out[p] = (block_average_(s.abs_(), group["block_size"], group["average_conv_kernel"]), rows)
+        return out
+
+    def _observed_or_skip(self, estimate, diags, values) -> dict:
+        """param -> (|D|, rows or None for all) of what enters v, or {} when the estimate is not finite."""
+        if estimate is None:
+            return {}
+        sums = values[0::2]
+        total = sum(sums)
+        scaled = estimate.loss_scale > 1.0
+        if not math.isfinite(total):
+            self.stats.skipped_hessian_updates += 1
+            if scaled:
+                self.hessian_scale /= 2
+                self._finite_scaled_estimates = 0
+            return {}
+        if scaled:
+            self._finite_scaled_estimates += 1
+            if self._finite_scaled_estimates >= HESSIAN_SCALE_GROWTH_INTERVAL:
+                self.hessian_scale *= 2
+                self._finite_scaled_estimates = 0
+        self.stats.hessian_updates += 1
+        numel = sum(p.numel() for p in estimate.params)
+        self.stats.last_hessian_mean = total / numel if numel else float("nan")
+        observed = {}
+        for p, unobserved in zip(diags, values[1::2]):
+            d, rows = diags[p]
+            if unobserved == 0:
+                observed[p] = (d, None)
+            elif unobserved < rows.numel():
+                observed[p] = (d, rows)
+        return observed
+
+    def _init_group(self, group: dict, observed: dict) -> tuple[list, ...]:
+        """The group's lists for the functional core, making state on a parameter's first step."""
+        params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps = ([] for _ in range(9))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["hessian_step"] = 0
+                for key in _STATE_KEYS:
+                    state[key] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+            state["step"] += 1
+            d, rows = observed.get(p, (None, None))
+            if d is not None:
+                if rows is not None and "row_hessian_steps" not in state:
+                    # The first step that saw only some rows: from now on each row counts its own.
+                    state["row_hessian_steps"] = torch.full(rows.shape, float(state["hessian_step"]),
+                                                            dtype=torch.float32, device=p.device)
+                state["hessian_step"] += 1
+                if "row_hessian_steps" in state:
+                    state["row_hessian_steps"].add_(1.0 if rows is None else rows.to(torch.float32))
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_hs.append(state["exp_hessian_diag_sq"])
+            diags.append(d)
+            rows_seen.append(rows)
+            row_steps.append(state.get("row_hessian_steps"))
+            steps.append(state["step"])
+            hsteps.append(state["hessian_step"])
+        return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["adahessian"] = {
-            "counters": dict(self.counters),
-            "probes": self.probes.state_dict(),
-            "last_hessian_mean": self.last_hessian_mean,
+            "stats": dataclasses.asdict(self.stats),
+            "seed": self.seed,
+            "hessian_scale": self.hessian_scale,
+            "finite_scaled_estimates": self._finite_scaled_estimates,
         }
         return sd
 
@@ -293,21 +353,37 @@ class AdaHessian(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("adahessian", None)
         saved_state = state_dict["state"]
+        if extra is None and any("exp_avg_sq" in s for s in saved_state.values()):
+            raise ValueError(
+                "AdaHessian cannot resume this optimizer state: it was saved by an Adam-type optimizer "
+                "(it has exp_avg_sq and no Hessian state). Resume with the optimizer that saved it, or start "
+                "AdaHessian from the model weights alone (a new output folder, or --ignore_data_skip with "
+                "resume_from_checkpoint=None)."
+            )
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         # torch casts loaded state to each parameter's dtype; the moments of a bf16
         # parameter must stay fp32, so put the saved fp32 tensors back.
         current = [p for g in self.param_groups for p in g["params"]]
         for idx, p in zip(saved_ids, current):
-            for key in _STATE_KEYS:
+            for key in (*_STATE_KEYS, "row_hessian_steps"):
                 if idx in saved_state and key in saved_state[idx]:
-                    self.state[p][key] = saved_state[idx][key].to(device=p.device, dtype=_state_dtype(p))
+                    dtype = torch.float32 if key == "row_hessian_steps" else _state_dtype(p)
+                    self.state[p][key] = saved_state[idx][key].to(device=p.device, dtype=dtype)
         if extra is not None:
-            self.counters.update(extra["counters"])
-            self.probes.load_state_dict(extra["probes"])
-            self.last_hessian_mean = extra.get("last_hessian_mean", float("nan"))
-        self._pending.clear()
-        self._probe_snapshot = None
+            if "stats" in extra:
+                self.stats = HessianStats(**extra["stats"])
+            else:  # saved by 0.1: counters and a generator state
+                self.stats = HessianStats(**extra["counters"],
+                                          last_hessian_mean=extra.get("last_hessian_mean", float("nan")))
+            self.seed = int(extra.get("seed", extra.get("probes", {}).get("seed", self.seed)))
+            self.hessian_scale = float(extra.get("hessian_scale", HESSIAN_SCALE_INIT))
+            self._finite_scaled_estimates = int(extra.get("finite_scaled_estimates", 0))
+        self._estimate = None
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_estimate", None)
 
 
 # ---------------------------------------------------------------------- functional core
@@ -316,12 +392,20 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
+def _default_foreach(params: list[torch.Tensor]) -> bool:
+    """The foreach kernels where torch.optim defaults to them: every tensor on a GPU-like device."""
+    return bool(params) and all(p.device.type in ("cuda", "xpu") and type(p) in (torch.Tensor, torch.nn.Parameter)
+                                for p in params)
+
+
 def adahessian(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_hessian_diag_sqs: list[torch.Tensor],
     hessian_diags: list[torch.Tensor | None],
+    observed_rows: list[torch.Tensor | None],
+    row_hessian_steps: list[torch.Tensor | None],
     steps: list[int],
     hessian_steps: list[int],
     *,
@@ -331,51 +415,96 @@ def adahessian(
     eps: float,
     weight_decay: float,
     hessian_power: float,
-    foreach: bool = False,
+    foreach: bool | None = None,
 ) -> None:
     """One AdaHessian update of ``params`` in place; moments are fp32.
 
     ``steps``/``hessian_steps`` already count this step.  ``hessian_diags[i]`` is
-    |D| for a parameter whose v is updated now, ``None`` to reuse its v.  A
-    parameter whose v has never been updated (its first estimate was not finite)
-    only accumulates momentum: with v = 0 its step would be m/eps.
+    |D| for a parameter whose v is updated now, ``None`` to reuse its v;
+    ``observed_rows[i]`` is None when D covers every row, else which rows it saw
+    (v moves only there).  ``row_hessian_steps[i]`` is None while every row has
+    been seen on each of the tensor's Hessian steps, else each row's count.  A
+    parameter whose v has never been updated only accumulates momentum: with
+    v = 0 its step would be m/eps.
     """
+    if foreach is None:
+        foreach = _default_foreach(params)
     fn = _multi_tensor_adahessian if foreach else _single_tensor_adahessian
-    fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, steps, hessian_steps,
-       lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
+    fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_hessian_steps, steps,
+       hessian_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+       hessian_power=hessian_power)
 
 
-def _denominator_(v: torch.Tensor, bias_correction2: float, hessian_power: float, eps: float) -> torch.Tensor:
-    """(√(v/bc2))^k + eps, computed into ``v`` (a scratch copy)."""
-    v.div_(bias_correction2)
+def _power_plus_eps_(v_hat: torch.Tensor, hessian_power: float, eps: float) -> torch.Tensor:
+    """(√v̂)^k + eps, in place."""
     if hessian_power == 1.0:
-        v.sqrt_()
+        v_hat.sqrt_()
     elif hessian_power == 0.0:
-        v.fill_(1.0)
+        v_hat.fill_(1.0)
     else:
-        v.pow_(hessian_power / 2)
-    return v.add_(eps)
+        v_hat.pow_(hessian_power / 2)
+    return v_hat.add_(eps)
 
 
-def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, steps, hsteps, *,
+def _row_view(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return rows.view(rows.shape + (1,) * (like.dim() - rows.dim()))
+
+
+def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta2: float) -> None:
+    if rows is None:
+        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+    else:
+        # D is exactly zero on the rows it did not observe: only the decay needs a mask.
+        v.mul_(torch.where(_row_view(rows, v), beta2, 1.0)).addcmul_(d, d, value=1 - beta2)
+
+
+def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2: float, hessian_power: float,
+                 eps: float) -> torch.Tensor:
+    """(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen."""
+    if row_steps is None:
+        return _power_plus_eps_(v.div(1 - beta2**s), hessian_power, eps)
+    counts = _row_view(row_steps, v)
+    seen = counts > 0
+    v_hat = v / (1 - torch.full_like(counts, beta2).pow_(counts))
+    v_hat = torch.where(seen, v_hat, 0.0)
+    fallback = v_hat.sum() / seen.expand_as(v).sum()
+    return _power_plus_eps_(torch.where(seen, v_hat, fallback), hessian_power, eps)
+
+
+def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, *,
                               lr, beta1, beta2, eps, weight_decay, hessian_power):
-    for p, g, m, v, d, t, s in zip(params, grads, exp_avgs, exp_hs, ds, steps, hsteps):
+    for p, g, m, v, d, rows, counts, t, s in zip(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps,
+                                                 hsteps):
         m.lerp_(g.to(m.dtype), 1 - beta1)
         if d is not None:
-            v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+            _update_v_(v, d, rows, beta2)
         if s == 0:
             continue
         p32 = p if p.dtype == _state_dtype(p) else p.float()
         if weight_decay:
             p32.mul_(1 - lr * weight_decay)
-        denom = _denominator_(v.clone(), 1 - beta2 ** s, hessian_power, eps)
-        p32.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        denom = _denominator(v, s, counts, beta2, hessian_power, eps)
+        p32.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
         if p32 is not p:
             p.copy_(p32)
 
 
-def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, steps, hsteps, *,
+def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, *,
                              lr, beta1, beta2, eps, weight_decay, hessian_power):
+    # Tensors whose rows were seen unevenly (embeddings under partial coverage) are few:
+    # they take the for-loop; the rest go through the foreach kernels.
+    uneven = [i for i in range(len(params)) if rows_seen[i] is not None or row_steps[i] is not None]
+    if uneven:
+        pick = lambda xs: [xs[i] for i in uneven]  # noqa: E731
+        _single_tensor_adahessian(*(pick(xs) for xs in (params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps,
+                                                        steps, hsteps)),
+                                  lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                  hessian_power=hessian_power)
+        even = [i for i in range(len(params)) if i not in set(uneven)]
+        params, grads, exp_avgs, exp_hs, ds, steps, hsteps = (
+            [xs[i] for i in even] for xs in (params, grads, exp_avgs, exp_hs, ds, steps, hsteps))
+    if not params:
+        return
     grads32 = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(exp_avgs, grads32, 1 - beta1)
     with_d = [i for i, d in enumerate(ds) if d is not None]

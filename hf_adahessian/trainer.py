@@ -1,65 +1,61 @@
-"""``Trainer`` and ``Seq2SeqTrainer`` with AdaHessian: the optimizer hook and the Hessian step.
+"""``Trainer`` and ``Seq2SeqTrainer`` with AdaHessian: the Trainer hooks, nothing else.
 
-Only two things differ from the stock Trainer, and only with ``--optim adahessian``:
+Only these differ from the stock Trainer, and only with ``--optim adahessian``:
 
-* ``get_optimizer_cls_and_kwargs`` builds :class:`AdaHessian` from the arguments
-  (the Trainer's own ``create_optimizer`` makes the no-decay group);
-* ``training_step``, on Hessian steps, runs the Trainer's own step (loss, gradient
-  accumulation scaling, ``num_items_in_batch``) with its backward replaced by the
-  optimizer's ``accumulate_hessian``, with a double-backward-capable attention
-  kernel and outside DDP's hooks; other steps are the Trainer's, untouched.
+* ``get_optimizer_cls_and_kwargs`` builds :class:`AdaHessian` from the arguments'
+  settings (the Trainer's own ``create_optimizer`` makes the no-decay group);
+* ``training_step``, on Hessian steps, hands the micro-batch to the Hessian pass
+  (``hessian_pass.micro_batch``), which runs the Trainer's own step (its loss, its
+  scaling for accumulation and ``num_items_in_batch``, accelerate's backward) for
+  the chosen estimator; other steps are the Trainer's, untouched;
+* ``compute_loss`` marks the loss for the Hessian pass while one is running;
+* the first step checks whether the model's loss really uses ``num_items_in_batch``
+  (transformers 5 assumes so for any forward with ``**kwargs``, and would otherwise
+  train a head that ignores it on a loss multiplied by the accumulation steps and
+  the number of processes);
+* ``log`` adds the Hessian statistics, and the end of training logs a summary.
 
 Clipping, the loss scaler, the scheduler, checkpoints and logging stay the Trainer's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
+import logging
+import time
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.parallel import DistributedDataParallel
 from transformers import Seq2SeqTrainer, Trainer
 
-from .arguments import is_adahessian, parse_adahessian_optim_args
-from .distributed import all_reduce_mean_, world_size
+from . import hessian_pass
+from .arguments import is_adahessian, settings_of
+from .estimators import rng_devices
 from .optimizer import AdaHessian
 
 __all__ = ["AdaHessianTrainerMixin", "AdaHessianTrainer", "AdaHessianSeq2SeqTrainer"]
 
-# Attention implementations whose backward is built from ordinary ops, or SDPA,
-# whose math kernel (forced below) has a double backward.  Others are swapped to
-# "sdpa" for the Hessian forward.
-_DOUBLE_BACKWARD_ATTENTION = {None, "eager", "sdpa"}
+logger = logging.getLogger(__name__)
 
 
 class AdaHessianTrainerMixin:
-    """The AdaHessian hooks, for any ``transformers.Trainer`` subclass."""
+    """The AdaHessian hooks, for any ``transformers.Trainer`` subclass (as its first base)."""
 
-    _hessian_step_key: int | None = None
+    _loss_normalisation_checked = False
+    hessian_seconds = 0.0
 
-    @staticmethod
-    def get_optimizer_cls_and_kwargs(args, model=None) -> tuple[Any, dict[str, Any]]:
+    @classmethod
+    def get_optimizer_cls_and_kwargs(cls, args, model=None) -> tuple[Any, dict[str, Any]]:
         if not is_adahessian(args):
-            return Trainer.get_optimizer_cls_and_kwargs(args, model)
-        settings = parse_adahessian_optim_args(args.optim_args)
-        settings.pop("hessian_batch_fraction")  # the trainer's, not the optimizer's
+            return super().get_optimizer_cls_and_kwargs(args, model)
         kwargs = {
             "lr": args.learning_rate,
             "betas": (args.adam_beta1, args.adam_beta2),
             # One seed for every process, so that all draw the same probes and the
             # averaged estimate is the one a single process would make.
             "seed": args.seed,
-            **settings,
+            **settings_of(args).optimizer_kwargs,
         }
         return AdaHessian, kwargs
-
-    @functools.cached_property
-    def _hessian_batch_fraction(self) -> float:
-        return parse_adahessian_optim_args(self.args.optim_args)["hessian_batch_fraction"]
 
     @property
     def adahessian(self) -> AdaHessian | None:
@@ -70,108 +66,102 @@ class AdaHessianTrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         optimizer = self.adahessian
+        if optimizer is not None and not self._loss_normalisation_checked:
+            self._check_loss_normalisation(model, inputs, num_items_in_batch)
+            if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
+                num_items_in_batch = None
         if optimizer is None or not optimizer.is_hessian_step():
             return super().training_step(model, inputs, num_items_in_batch)
-        if self._hessian_step_key != self.state.global_step:
-            # First micro-batch of this optimizer step (also after a step that the
-            # loss scaler skipped: its partial estimate is dropped here).
-            optimizer.begin_hessian_accumulation()
-            self._hessian_step_key = self.state.global_step
-        fraction = self._hessian_batch_fraction
-        if fraction < 1.0:
-            return self._sub_batch_hessian_step(model, inputs, num_items_in_batch, optimizer, fraction)
-        with self._hessian_forward(model), self._hessian_backward(optimizer):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients and world_size() > 1:
-            grads = [p.grad for p in optimizer.trainable_params() if p.grad is not None]
-            all_reduce_mean_(grads + optimizer.pending_hessian())
+        settings = settings_of(self.args)
+        start = time.perf_counter()
+        loss = hessian_pass.micro_batch(
+            model=model, inputs=inputs, num_items_in_batch=num_items_in_batch,
+            # The first micro-batch of an optimizer step makes the estimate; a step the
+            # loss scaler skipped leaves nothing behind, since global_step moved on.
+            estimate=optimizer.estimate(key=self.state.global_step),
+            stock_step=super().training_step, accelerator=self.accelerator,
+            estimator=optimizer.hessian_estimator, relative_fd_step=optimizer.relative_fd_step(),
+            batch_fraction=settings.hessian_batch_fraction, chunks=settings.hessian_chunks,
+            count_items=self._count_items, last=self.accelerator.sync_gradients,
+        )
+        self.hessian_seconds += time.perf_counter() - start
         return loss
 
-    def _sub_batch_hessian_step(self, model, inputs, num_items_in_batch, optimizer, fraction):
-        """A Hessian-only pass on the head of the batch, then the Trainer's own step for the gradient.
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if return_outputs:
+            return hessian_pass.mark(out[0]), out[1]
+        return hessian_pass.mark(out)
 
-        A Hessian pass (forward, backward with a graph, Hessian-vector product)
-        costs about three plain steps; on a quarter of the batch it costs about
-        three quarters of one, for a noisier estimate that v averages all the
-        same.  The gradient stays exact, and DDP syncs it as usual.
+    def _count_items(self, inputs: dict) -> float:
+        """What the Trainer counts for ``num_items_in_batch``: unmasked (shifted, for causal LMs) labels, or rows."""
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs.get("labels")
+            if isinstance(labels, torch.Tensor) and labels.dim() > 1 and getattr(self, "_loss_shifts_labels", False):
+                labels = labels[..., 1:]
+        if isinstance(labels, torch.Tensor) and labels.dim() > 0 and labels.dtype != torch.float:
+            return float(labels.ne(-100).sum())
+        return float(hessian_pass._batch_size(inputs))
+
+    def _check_loss_normalisation(self, model, inputs, num_items_in_batch) -> None:
+        """Does the model's loss use ``num_items_in_batch``? Two no-grad forwards, once, tell.
+
+        transformers 5 passes the item count to any forward that takes ``**kwargs`` and
+        then neither divides the loss by the accumulation steps nor lets DDP's average
+        stand (it multiplies by the world size).  Most sequence-classification heads take
+        ``**kwargs`` but compute a plain mean: their loss is then accumulation steps ×
+        processes too large, which AdaHessian's absolute eps and the gradient clipping
+        turn into a different run.  A loss that does not change when the count doubles
+        does not use it, and the Trainer is told so.
         """
-        head, share = _head_of_batch(inputs, fraction)
-        # The head's loss must be normalised as the gradient's is: the Trainer
-        # divides by the item count when it has one, so give it the head's share.
-        head_items = None if num_items_in_batch is None else num_items_in_batch * share
-        # Hessian first: its graph is gone before the full batch's gradient exists,
-        # so the two never share the peak.
-        with self._hessian_forward(model), self._hessian_backward(optimizer, add_grad=False):
-            super().training_step(model, head, head_items)
-        if self.accelerator.sync_gradients and world_size() > 1:
-            all_reduce_mean_(optimizer.pending_hessian())
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    @contextlib.contextmanager
-    def _hessian_forward(self, model):
-        """No DDP reducer (it cannot see autograd.grad) and attention with a double backward."""
-        with contextlib.ExitStack() as stack:
-            if isinstance(model, DistributedDataParallel):
-                stack.enter_context(model.no_sync())
-            inner = self.accelerator.unwrap_model(model)
-            config = getattr(inner, "config", None)
-            attn = getattr(config, "_attn_implementation", None)
-            if attn not in _DOUBLE_BACKWARD_ATTENTION and hasattr(inner, "set_attn_implementation"):
-                inner.set_attn_implementation("sdpa")
-                stack.callback(inner.set_attn_implementation, attn)
-            # SDPA's flash and memory-efficient kernels (on CPU too) have no double backward.
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-            yield
-
-    @contextlib.contextmanager
-    def _hessian_backward(self, optimizer: AdaHessian, add_grad: bool = True):
-        """Swap ``accelerator.backward`` for the Hessian accumulation, scaled as accelerate scales."""
-        accelerator = self.accelerator
-
-        def backward(loss, **kwargs):
-            loss = loss / accelerator.gradient_accumulation_steps
-            scale = 1.0
-            scaler = accelerator.scaler
-            if scaler is not None and scaler.is_enabled():
-                loss = scaler.scale(loss)
-                scale = float(scaler.get_scale())
-            optimizer.accumulate_hessian(loss, scale=scale, add_grad=add_grad)
-
-        accelerator.backward = backward
-        try:
-            yield
-        finally:
-            del accelerator.backward
+        self._loss_normalisation_checked = True
+        if (not self.model_accepts_loss_kwargs or self.compute_loss_func is not None or num_items_in_batch is None
+                or self.label_smoother is not None or self.loss_is_scaled_for_ga is not None):
+            return
+        prepared = self._prepare_inputs(inputs)
+        losses = []
+        was_training = model.training
+        model.train()
+        # Under the Hessian forward's attention (no new kernel gets compiled for this), with the
+        # RNG put back afterwards, so the run is the one it would have been.
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(list(model.parameters()))), \
+                hessian_pass.double_backward_ready(model):
+            state = torch.get_rng_state()
+            for items in (num_items_in_batch, num_items_in_batch * 2):
+                torch.set_rng_state(state)
+                with self.compute_loss_context_manager():
+                    out = model(**{**prepared, "num_items_in_batch": items})
+                loss = out["loss"] if isinstance(out, dict) else out[0]
+                losses.append(hessian_pass.plain(loss).detach().float())
+        model.train(was_training)
+        if torch.allclose(losses[0], losses[1], rtol=1e-4, atol=0.0):
+            logger.info(
+                "%s ignores num_items_in_batch: its loss is a mean already, so the Trainer divides it for "
+                "gradient accumulation and lets DDP average it (transformers issue #47688).",
+                type(self.accelerator.unwrap_model(model)).__name__,
+            )
+            self.model_accepts_loss_kwargs = False
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         optimizer = self.adahessian
         if optimizer is not None and "loss" in logs:
-            logs["hessian_mean"] = optimizer.last_hessian_mean
-            logs["hessian_updates"] = optimizer.counters["hessian_updates"]
-            logs["skipped_hessian_updates"] = optimizer.counters["skipped_hessian_updates"]
+            stats = optimizer.stats
+            logs["hessian_mean"] = stats.last_hessian_mean
+            logs["hessian_updates"] = stats.hessian_updates
+            logs["skipped_hessian_updates"] = stats.skipped_hessian_updates
+            logs["skipped_steps"] = stats.skipped_steps
+        if optimizer is not None and "train_runtime" in logs:
+            stats = optimizer.stats
+            logs.update(hessian_updates=stats.hessian_updates, skipped_hessian_updates=stats.skipped_hessian_updates,
+                        skipped_steps=stats.skipped_steps, hessian_seconds=round(self.hessian_seconds, 2))
+            logger.info(
+                "AdaHessian: %d optimizer steps, %d Hessian estimates (%d skipped as not finite), %d steps skipped "
+                "for a non-finite gradient; %.1f s in Hessian micro-batches (%.0f%% of training).",
+                stats.step, stats.hessian_updates, stats.skipped_hessian_updates, stats.skipped_steps,
+                self.hessian_seconds, 100 * self.hessian_seconds / max(logs["train_runtime"], 1e-9),
+            )
         super().log(logs, *args, **kwargs)
-
-
-def _head_of_batch(inputs: dict, fraction: float) -> tuple[dict, float]:
-    """The first ceil(fraction · B) rows of every batch-shaped tensor, and their share of the items.
-
-    Items are what the Trainer counts for ``num_items_in_batch``: label tokens
-    that are not ignored (-100), or rows when there are no labels.
-    """
-    sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    if len(sizes) != 1:
-        raise ValueError(
-            "--optim_args hessian_batch_fraction needs inputs whose tensors share one batch dimension; "
-            f"got leading sizes {sorted(sizes)}. Use hessian_batch_fraction=1."
-        )
-    batch = sizes.pop()
-    keep = max(1, math.ceil(fraction * batch))
-    head = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
-    labels = inputs.get("labels")
-    if isinstance(labels, torch.Tensor) and labels.dim() > 0:
-        total = int(labels.ne(-100).sum())
-        return head, (int(labels[:keep].ne(-100).sum()) / total) if total else keep / batch
-    return head, keep / batch
 
 
 class AdaHessianTrainer(AdaHessianTrainerMixin, Trainer):

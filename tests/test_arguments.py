@@ -52,7 +52,7 @@ def test_command_line_accepts_optim_adahessian(tmp_path, args_class):
                                                     "--optim_args", "hessian_interval=2"])
     assert args.optim == "adahessian"
     assert is_adahessian(args)
-    assert args.adahessian_kwargs["hessian_interval"] == 2
+    assert args.adahessian_settings.optimizer_kwargs["hessian_interval"] == 2
 
 
 def test_help_lists_adahessian_and_a_misspelt_name_is_rejected(tmp_path, capsys):
@@ -115,7 +115,7 @@ def test_optim_survives_training_args_bin(tmp_path, args_class):
     assert type(loaded) is args_class
     assert loaded.optim == "adahessian"
     assert is_adahessian(loaded)
-    assert loaded.adahessian_kwargs["hessian_interval"] == 4
+    assert loaded.adahessian_settings.optimizer_kwargs["hessian_interval"] == 4
 
 
 def test_model_card_names_adahessian(make_args, make_bert, make_dataset, tmp_path):
@@ -144,7 +144,7 @@ def test_optim_args_and_trainer_flags_reach_the_optimizer(make_args, make_bert, 
     assert isinstance(optimizer, AdaHessian)
     assert optimizer.hessian_interval == 3
     assert optimizer.n_samples == 2
-    assert optimizer.probes.seed == 123
+    assert optimizer.seed == 123
     for group in optimizer.param_groups:
         assert group["lr"] == 0.2
         assert group["betas"] == (0.8, 0.99)

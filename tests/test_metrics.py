@@ -1,4 +1,4 @@
-"""hf_adahessian.metrics: GLUE and BLEU, offline, with the official definitions.
+"""hf_adahessian.examples.metrics: GLUE and BLEU, offline, with the official definitions.
 
 Each metric is checked against a direct computation with the library the
 official metric uses (scikit-learn, scipy, sacreBLEU) and against values
@@ -13,7 +13,7 @@ import sacrebleu
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from hf_adahessian.metrics import GLUE_TASKS, bleu, glue_metrics
+from hf_adahessian.examples.metrics import GLUE_TASKS, bleu, glue_metrics
 
 
 # --------------------------------------------------------------------------- GLUE_TASKS

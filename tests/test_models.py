@@ -1,4 +1,4 @@
-"""hf_adahessian.models: a local model folder that Auto classes load with no network.
+"""hf_adahessian.examples.models: a local model folder that Auto classes load with no network.
 
 Every model_type builds at size "tiny" from a few sentences, reloads with the
 Auto classes, computes a finite loss; seq2seq models also generate, and their
@@ -23,7 +23,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from hf_adahessian.models import ENCODER_TYPES, MODEL_TYPES, SEQ2SEQ_TYPES, build_model_folder, main, read_texts
+from hf_adahessian.examples.models import ENCODER_TYPES, MODEL_TYPES, SEQ2SEQ_TYPES, build_model_folder, main, read_texts
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +244,7 @@ def test_read_texts_refuses_missing_and_unknown_files(tmp_path):
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(
-        [sys.executable, "-m", "hf_adahessian.models", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "hf_adahessian.examples.models", *args], capture_output=True, text=True, env=env, timeout=120
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_adahessian.models import build_model_folder
+from hf_adahessian.examples.models import build_model_folder
 
 from script_helpers import _assert_usage_error, _json, _train_logs, _write_jsonl, adahessian, env  # noqa: F401
 

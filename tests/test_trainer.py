@@ -29,10 +29,12 @@ from transformers import (
 )
 
 from hf_adahessian import (
+    hessian_pass,
     AdaHessian,
     AdaHessianSeq2SeqTrainer,
     AdaHessianSeq2SeqTrainingArguments,
     AdaHessianTrainer,
+    HessianEstimate,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -158,27 +160,31 @@ def test_trained_optimizer_is_adahessian_under_accelerate(make_args, make_bert, 
 
 def test_hessian_is_estimated_only_every_hessian_interval_steps(make_args, make_bert, make_dataset, monkeypatch):
     """interval 3 over 8 optimizer steps: Hessian micro-batches on steps 1, 4, 7, the stock backward elsewhere."""
-    hessian_steps, stock_steps = [], []
-    accumulate, backward = AdaHessian.accumulate_hessian, Accelerator.backward
+    hessian_steps, stock_steps, hessian_backwards = [], [], []
+    accumulate, backward = HessianEstimate.accumulate, Accelerator.backward
 
     def spy_accumulate(self, *args, **kwargs):
-        hessian_steps.append(self.counters["step"] + 1)
+        hessian_steps.append(self.step + 1)
         return accumulate(self, *args, **kwargs)
 
     def spy_backward(self, loss, **kwargs):
-        stock_steps.append(trainer.adahessian.counters["step"] + 1)
+        # Hessian micro-batches go through accelerate's backward too, with a loss marked
+        # for the Hessian pass; only the others backpropagate as usual.
+        (hessian_backwards if hessian_pass.is_marked(loss) else stock_steps).append(
+            trainer.adahessian.counters["step"] + 1)
         return backward(self, loss, **kwargs)
 
-    monkeypatch.setattr(AdaHessian, "accumulate_hessian", spy_accumulate)
+    monkeypatch.setattr(HessianEstimate, "accumulate", spy_accumulate)
     monkeypatch.setattr(Accelerator, "backward", spy_backward)
     args = make_args(max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                      optim_args="hessian_interval=3")
     trainer = AdaHessianTrainer(model=make_bert(), args=args, train_dataset=make_dataset(64))
     trainer.train()
 
-    assert hessian_steps == [1, 1, 4, 4, 7, 7]  # two micro-batches per step
+    assert hessian_steps == hessian_backwards == [1, 1, 4, 4, 7, 7]  # two micro-batches per step
     assert stock_steps == [2, 2, 3, 3, 5, 5, 6, 6, 8, 8]
-    assert trainer.adahessian.counters == {"step": 8, "hessian_updates": 3, "skipped_hessian_updates": 0}
+    assert trainer.adahessian.counters == {"step": 8, "hessian_updates": 3, "skipped_hessian_updates": 0,
+                                          "skipped_steps": 0}
     assert logged(trainer, "hessian_updates") == [1, 1, 1, 2, 2, 2, 3, 3]
 
 
@@ -272,18 +278,21 @@ def test_hessian_batch_fraction_estimates_the_hessian_on_the_head_of_the_batch(m
 
 def test_hessian_batch_fraction_adds_a_hessian_only_pass_to_the_stock_step(make_args, make_bert, make_dataset,
                                                                            monkeypatch):
-    hessian_calls, stock_steps = [], []
-    accumulate, backward = AdaHessian.accumulate_hessian, Accelerator.backward
+    hessian_calls, stock_steps, hessian_backwards = [], [], []
+    accumulate, backward = HessianEstimate.accumulate, Accelerator.backward
 
     def spy_accumulate(self, *args, **kwargs):
-        hessian_calls.append((self.counters["step"] + 1, kwargs.get("add_grad", True)))
+        hessian_calls.append((self.step + 1, kwargs.get("add_grad", True)))
         return accumulate(self, *args, **kwargs)
 
     def spy_backward(self, loss, **kwargs):
-        stock_steps.append(trainer.adahessian.counters["step"] + 1)
+        # Hessian micro-batches go through accelerate's backward too, with a loss marked
+        # for the Hessian pass; only the others backpropagate as usual.
+        (hessian_backwards if hessian_pass.is_marked(loss) else stock_steps).append(
+            trainer.adahessian.counters["step"] + 1)
         return backward(self, loss, **kwargs)
 
-    monkeypatch.setattr(AdaHessian, "accumulate_hessian", spy_accumulate)
+    monkeypatch.setattr(HessianEstimate, "accumulate", spy_accumulate)
     monkeypatch.setattr(Accelerator, "backward", spy_backward)
     args = make_args(max_steps=4, optim_args="hessian_interval=2,hessian_batch_fraction=0.5")
     trainer = AdaHessianTrainer(model=make_bert(), args=args, train_dataset=make_dataset(32))
@@ -291,7 +300,9 @@ def test_hessian_batch_fraction_adds_a_hessian_only_pass_to_the_stock_step(make_
 
     assert stock_steps == [1, 2, 3, 4]  # the gradient always comes from the Trainer's own backward
     assert hessian_calls == [(1, False), (3, False)]  # Hessian only, on Hessian steps only
-    assert trainer.adahessian.counters == {"step": 4, "hessian_updates": 2, "skipped_hessian_updates": 0}
+    assert hessian_backwards == [1, 3]
+    assert trainer.adahessian.counters == {"step": 4, "hessian_updates": 2, "skipped_hessian_updates": 0,
+                                          "skipped_steps": 0}
 
 
 def identical_rows(n=32):
@@ -412,13 +423,13 @@ def test_loss_scaler_leaves_the_hessian_estimate_unscaled(make_args, make_bert, 
 def test_step_skipped_for_overflow_leaves_the_hessian_untouched_and_the_next_step_re_estimates(
         make_args, make_bert, make_dataset, monkeypatch):
     pending_at_start = []
-    accumulate = AdaHessian.accumulate_hessian
+    accumulate = HessianEstimate.accumulate
 
     def spy_accumulate(self, *args, **kwargs):
-        pending_at_start.append(len(self._pending))
+        pending_at_start.append(sum(s is not None for s in self.sums))
         return accumulate(self, *args, **kwargs)
 
-    monkeypatch.setattr(AdaHessian, "accumulate_hessian", spy_accumulate)
+    monkeypatch.setattr(HessianEstimate, "accumulate", spy_accumulate)
     before, after = {}, {}
 
     def inject_inf(state, model, optimizer):
@@ -444,25 +455,28 @@ def test_step_skipped_for_overflow_leaves_the_hessian_untouched_and_the_next_ste
 
     assert after["skipped"] is True
     assert after["scale"] == before["scale"] / 2
-    assert after["counters"] == before["counters"] == {"step": 1, "hessian_updates": 1, "skipped_hessian_updates": 0}
+    assert after["counters"] == before["counters"] == {"step": 1, "hessian_updates": 1, "skipped_hessian_updates": 0,
+                                                       "skipped_steps": 0}
     for a, b in zip(before["v"], after["v"]):
         assert torch.equal(a, b)
     # The next step starts a fresh estimate (nothing left over from the skipped one) and consumes it.
     assert pending_at_start == [0, 0, 0]
-    assert trainer.adahessian.counters == {"step": 2, "hessian_updates": 2, "skipped_hessian_updates": 0}
+    assert trainer.adahessian.counters == {"step": 2, "hessian_updates": 2, "skipped_hessian_updates": 0,
+                                           "skipped_steps": 0}
     assert any(not torch.equal(a, b) for a, b in zip(after["v"], after["v_next"]))
 
 
 def test_non_finite_hessian_estimate_is_skipped_and_logged(make_args, make_bert, make_dataset):
     def poison(state, model, optimizer):
         if state.global_step == 1:
-            pending = trainer.adahessian._pending
-            next(iter(pending.values()))[0] = float("nan")
+            sums = trainer.adahessian._estimate.sums
+            next(s for s in sums if s is not None).view(-1)[0] = float("nan")
 
     trainer = AdaHessianTrainer(model=make_bert(), args=make_args(max_steps=3), train_dataset=make_dataset(32),
                                 callbacks=[Record("on_pre_optimizer_step", poison)])
     trainer.train()
-    assert trainer.adahessian.counters == {"step": 3, "hessian_updates": 2, "skipped_hessian_updates": 1}
+    assert trainer.adahessian.counters == {"step": 3, "hessian_updates": 2, "skipped_hessian_updates": 1,
+                                           "skipped_steps": 0}
     assert logged(trainer, "skipped_hessian_updates") == [0, 1, 1]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
@@ -498,7 +512,7 @@ def test_attention_without_double_backward_is_swapped_for_the_hessian_forward_an
     assert model.config._attn_implementation == implementation
     seen = []
     model.bert.encoder.layer[0].attention.self.register_forward_pre_hook(
-        lambda module, inputs: seen.append(model.config._attn_implementation))
+        lambda module, inputs: seen.append(model.config._attn_implementation) if torch.is_grad_enabled() else None)
     trainer = train(model, make_args(max_steps=2), make_dataset(16))
 
     assert seen == [during_hessian_forward] * 2
@@ -567,12 +581,9 @@ def test_resuming_from_a_checkpoint_continues_exactly(make_args, make_bert, make
     assert logged(resumed)[3:] == pytest.approx(logged(straight)[3:], rel=1e-6)
     assert logged(resumed, "hessian_mean")[3:] == pytest.approx(logged(straight, "hessian_mean")[3:], rel=1e-6)
     assert resumed.adahessian.counters == straight.adahessian.counters == {
-        "step": 6, "hessian_updates": 6, "skipped_hessian_updates": 0}
-    a_probes, b_probes = straight.adahessian.probes.state_dict(), resumed.adahessian.probes.state_dict()
-    assert a_probes["seed"] == b_probes["seed"]
-    assert a_probes["states"].keys() == b_probes["states"].keys()
-    for key in a_probes["states"]:
-        assert torch.equal(a_probes["states"][key], b_probes["states"][key])
+        "step": 6, "hessian_updates": 6, "skipped_hessian_updates": 0, "skipped_steps": 0}
+    # Probes come from (seed, step, parameter): the seed and the step counter are the probe stream.
+    assert resumed.adahessian.seed == straight.adahessian.seed
 
 
 # --------------------------------------------------------------------------- memory

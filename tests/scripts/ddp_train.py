@@ -24,7 +24,7 @@ Cases (``--cases`` takes a comma-separated list):
 * ``adahessian_i2_ga2``: hessian_interval=2 and gradient_accumulation_steps=2;
 * ``adamw``: stock ``adamw_torch`` (DDP's own gradient all-reduce);
 * ``adahessian_no_allreduce``: as ``adahessian`` with the package's all-reduce
-  (``hf_adahessian.trainer.all_reduce_mean_``) replaced by a no-op;
+  (``hf_adahessian.estimate.all_reduce_mean_``) replaced by a no-op;
 * ``adahessian_grads_only``: as ``adahessian`` with the all-reduce applied to
   the gradients only, not to the Hessian estimates;
 * ``adahessian_i2_ga2_no_allreduce``: as ``adahessian_i2_ga2`` with the no-op.
@@ -44,7 +44,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback  # noqa: E402
 
-import hf_adahessian.trainer as ah_trainer  # noqa: E402
+import hf_adahessian.estimate as ah_estimate  # noqa: E402
 from hf_adahessian import AdaHessianTrainer, AdaHessianTrainingArguments  # noqa: E402
 
 N_SAMPLES = 32
@@ -123,7 +123,7 @@ class LogRecorder(TrainerCallback):
 
 
 def patched_all_reduce(kind: str, model: torch.nn.Module):
-    original = ah_trainer.all_reduce_mean_
+    original = ah_estimate.all_reduce_mean_
     if kind == "no_allreduce":
         return lambda tensors: None
 
@@ -166,13 +166,13 @@ def run_case(name: str, batch: int, out: Path) -> None:
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, case_dir / "init.pt")
 
-    original = ah_trainer.all_reduce_mean_
+    original = ah_estimate.all_reduce_mean_
     if "patch" in spec:
-        ah_trainer.all_reduce_mean_ = patched_all_reduce(spec["patch"], model)
+        ah_estimate.all_reduce_mean_ = patched_all_reduce(spec["patch"], model)
     try:
         trainer.train()
     finally:
-        ah_trainer.all_reduce_mean_ = original
+        ah_estimate.all_reduce_mean_ = original
 
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     dist = torch.distributed

@@ -6,8 +6,10 @@ live once, so the two scripts keep only what is theirs (data and metrics).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -15,7 +17,9 @@ from typing import Callable, Optional
 import datasets
 import transformers
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 @dataclass
@@ -109,15 +113,20 @@ def setup_logging(logger: logging.Logger, training_args) -> None:
     logger.info(f"Training/evaluation parameters {training_args}")
 
 
-def detect_last_checkpoint(logger: logging.Logger, training_args, overwrite_output_dir: bool) -> str | None:
-    """The checkpoint to resume from in ``output_dir``, refusing a non-empty one without checkpoints."""
-    if not (os.path.isdir(training_args.output_dir) and training_args.do_train and not overwrite_output_dir):
+def detect_last_checkpoint(logger: logging.Logger, training_args) -> str | None:
+    """The newest complete checkpoint to resume from in ``output_dir``, refusing a non-empty one without any.
+
+    A folder the Trainer was still writing when the run died (no readable
+    ``trainer_state.json``, which it writes last) is skipped with a warning naming it.
+    """
+    overwrite = getattr(training_args, "overwrite_output_dir", False)
+    if not (os.path.isdir(training_args.output_dir) and training_args.do_train and not overwrite):
         return None
-    last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    last_checkpoint = last_complete_checkpoint(training_args.output_dir, logger)
     if last_checkpoint is None and len(os.listdir(training_args.output_dir)) > 0:
         raise UsageError(
-            f"--output_dir {training_args.output_dir} already exists and is not empty; "
-            "use --overwrite_output_dir to overcome"
+            f"--output_dir {training_args.output_dir} already exists and is not empty, with no complete checkpoint; "
+            "use --overwrite_output_dir to train from scratch in it, or another --output_dir"
         )
     if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
         logger.info(
@@ -125,6 +134,22 @@ def detect_last_checkpoint(logger: logging.Logger, training_args, overwrite_outp
             "the `--output_dir` or add `--overwrite_output_dir` to train from scratch."
         )
     return last_checkpoint
+
+
+def last_complete_checkpoint(output_dir: str, logger: logging.Logger) -> str | None:
+    folders = [f for f in os.listdir(output_dir)
+               if _CHECKPOINT.fullmatch(f) and os.path.isdir(os.path.join(output_dir, f))]
+    for name in sorted(folders, key=lambda f: int(_CHECKPOINT.fullmatch(f).group(1)), reverse=True):
+        folder = os.path.join(output_dir, name)
+        try:
+            with open(os.path.join(folder, TRAINER_STATE_NAME), encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError):
+            logger.warning(f"Skipping {folder}: it is incomplete (no readable {TRAINER_STATE_NAME}, which the "
+                           "Trainer writes last); a run stopped while saving it. Resuming from an earlier one.")
+            continue
+        return folder
+    return None
 
 
 def run_script(main: Callable[[], object]) -> None:

@@ -1,6 +1,6 @@
 """The embedded default: a sentiment data set made on the spot, and the offline MiniLM.
 
-    python -m hf_adahessian.demo --output_dir demo_data
+    python -m hf_adahessian.examples.demo --output_dir demo_data
 
 writes ``train.jsonl`` / ``validation.jsonl`` in SST-2's layout (``sentence``,
 ``label``, ``idx``) and prints the folder of the pretrained MiniLM BERT that the

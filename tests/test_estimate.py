@@ -1,4 +1,4 @@
-"""Specification of ``hf_adahessian.hutchinson``: Hutchinson's Hessian-diagonal estimate and block averaging.
+"""Specification of the Hessian-diagonal estimate: Hutchinson's estimator, its probes and block averaging.
 
 Hutchinson: for a Rademacher probe z (entries ±1), E[z ⊙ Hz] = diag(H), because
 E[z_i z_j] = 0 for i ≠ j and z_i² = 1.  Component i of one sample is
@@ -18,12 +18,9 @@ import math
 import pytest
 import torch
 
-from hf_adahessian.hutchinson import (
-    ProbeGenerator,
-    block_average,
-    hutchinson_diagonal,
-    rademacher_like,
-)
+from hf_adahessian.estimate import block_average, observed_rows
+from hf_adahessian.estimators import hutchinson_diagonal
+from hf_adahessian.probes import Probes, rademacher_like
 
 
 def _grads_with_graph(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -49,7 +46,7 @@ def test_one_probe_gives_the_exact_diagonal_of_a_diagonal_quadratic(seed):
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(9, generator=gen) * 3  # negative entries too: the estimate is signed
     x = torch.randn(9, generator=gen).requires_grad_(True)
-    (est,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, torch.diag(a)), [x]), [x], ProbeGenerator(seed))
+    (est,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, torch.diag(a)), [x]), [x], Probes(seed))
     assert est.dtype == torch.float32
     assert torch.equal(est, a)
 
@@ -66,7 +63,7 @@ def test_many_probes_converge_to_the_diagonal_of_a_dense_spd_hessian():
     h = _random_spd(n, seed=3)
     x = torch.randn(n, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
     grads = _grads_with_graph(_quadratic(x, h), [x])
-    (est,) = hutchinson_diagonal(grads, [x], ProbeGenerator(11), n_samples=n_probes)
+    (est,) = hutchinson_diagonal(grads, [x], Probes(11), n_samples=n_probes)
 
     diag = torch.diagonal(h)
     off_diag_sq = (h**2).sum(dim=1) - diag**2
@@ -78,21 +75,21 @@ def test_many_probes_converge_to_the_diagonal_of_a_dense_spd_hessian():
 
     # One probe alone is visibly noisy here, so the agreement above comes from averaging.
     x1 = x.detach().clone().requires_grad_(True)
-    (one,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x1, h), [x1]), [x1], ProbeGenerator(11))
+    (one,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x1, h), [x1]), [x1], Probes(11))
     assert (one - diag).abs().max() > 10 * err.max()
 
 
 def test_n_samples_is_the_mean_of_as_many_consecutive_single_probe_estimates():
-    """n_samples=k draws the same k probes, in order, as k calls with n_samples=1."""
+    """n_samples=k is the mean of z_s ⊙ H z_s over the probes of samples 0..k-1."""
     h = _random_spd(6, seed=5)
     x = torch.randn(6, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
     k = 20
-    (batched,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, h), [x]), [x], ProbeGenerator(2), n_samples=k)
-    probes = ProbeGenerator(2)
+    (batched,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, h), [x]), [x], Probes(2), n_samples=k)
     total = torch.zeros(6)
-    for _ in range(k):
-        (one,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, h), [x]), [x], probes)
-        total += one
+    for sample in range(k):
+        z = Probes(2).draw(0, x, sample, torch.float32)
+        (hz,) = torch.autograd.grad(_grads_with_graph(_quadratic(x, h), [x])[0], [x], grad_outputs=z)
+        total += z * hz
     # Not bitwise: the batched call accumulates each sample already divided by k.
     torch.testing.assert_close(batched, total / k, rtol=1e-6, atol=1e-6)
 
@@ -101,46 +98,46 @@ def test_scale_divides_the_estimate():
     """``scale`` undoes a loss scale (AMP): the estimate of (S·f) / S is the estimate of f."""
     h = _random_spd(5, seed=8)
     x = torch.randn(5, generator=torch.Generator().manual_seed(9)).requires_grad_(True)
-    (plain,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, h), [x]), [x], ProbeGenerator(0))
-    (scaled,) = hutchinson_diagonal(_grads_with_graph(1024.0 * _quadratic(x, h), [x]), [x], ProbeGenerator(0),
+    (plain,) = hutchinson_diagonal(_grads_with_graph(_quadratic(x, h), [x]), [x], Probes(0))
+    (scaled,) = hutchinson_diagonal(_grads_with_graph(1024.0 * _quadratic(x, h), [x]), [x], Probes(0),
                                     scale=1024.0)
     torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=0)
 
 
 # ---------------------------------------------------------------------------------- probes
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_probes_are_plus_or_minus_one_in_the_shape_and_dtype_of_the_parameter(dtype):
-    t = torch.empty(50, 40, dtype=dtype)
-    z = rademacher_like(t, ProbeGenerator(0).for_device(t.device))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int8])
+def test_probes_are_plus_or_minus_one_in_the_shape_and_dtype_asked_for(dtype):
+    t = torch.empty(50, 40)
+    z = Probes(0).draw(3, t, dtype=dtype)
     assert z.shape == t.shape and z.dtype == dtype and z.device == t.device
-    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    assert set(z.unique().tolist()) == {-1, 1}
     # Balanced: the mean of 2000 fair ±1 has standard deviation 1/sqrt(2000) ≈ 0.022.
     assert abs(z.float().mean().item()) < 5 / math.sqrt(z.numel())
 
 
-def test_probes_are_reproducible_from_the_seed():
+def test_a_probe_is_a_function_of_seed_step_parameter_and_sample_only():
+    """What lets every micro-batch, every process and a resumed run draw the same z with no saved state:
+    the same (seed, step, parameter, sample) gives the same probe whatever was drawn before, and
+    changing any one of them gives another."""
     t = torch.empty(1000)
-    first = rademacher_like(t, ProbeGenerator(42).for_device(t.device))
-    again = rademacher_like(t, ProbeGenerator(42).for_device(t.device))
-    other = rademacher_like(t, ProbeGenerator(43).for_device(t.device))
-    assert torch.equal(first, again)
-    assert not torch.equal(first, other)
+    first = Probes(42, step=7).draw(3, t, sample=1)
+    busy = Probes(42, step=7)
+    for i in range(5):
+        busy.draw(i, t)
+    assert torch.equal(busy.draw(3, t, sample=1), first)
+    for other in (Probes(43, 7).draw(3, t, 1), Probes(42, 8).draw(3, t, 1), Probes(42, 7).draw(4, t, 1),
+                  Probes(42, 7).draw(3, t, 0)):
+        assert not torch.equal(other, first)
+    # Different draws are uncorrelated: agreement of two ±1 streams is ~50%.
+    agree = (Probes(42, 7).draw(3, t, 0) == first).float().mean().item()
+    assert abs(agree - 0.5) < 5 * 0.5 / math.sqrt(t.numel())
 
 
-def test_probe_stream_resumes_exactly_from_its_state_dict():
-    """What a checkpoint relies on: save mid-stream, load into a generator with another seed, same draws."""
+def test_rademacher_like_draws_from_the_generator_it_is_given():
     t = torch.empty(300)
-    probes = ProbeGenerator(5)
-    for _ in range(3):
-        rademacher_like(t, probes.for_device(t.device))
-    saved = probes.state_dict()
-    expected = [rademacher_like(t, probes.for_device(t.device)) for _ in range(2)]
-
-    resumed = ProbeGenerator(999)
-    resumed.load_state_dict(saved)
-    assert resumed.seed == 5
-    got = [rademacher_like(t, resumed.for_device(t.device)) for _ in range(2)]
-    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    a = rademacher_like(t, torch.Generator().manual_seed(5))
+    assert torch.equal(a, rademacher_like(t, torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, rademacher_like(t, torch.Generator().manual_seed(6)))
 
 
 def test_estimation_never_touches_the_global_rng():
@@ -149,8 +146,8 @@ def test_estimation_never_touches_the_global_rng():
     x = torch.randn(6, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
     grads = _grads_with_graph(_quadratic(x, h), [x])
     before = torch.get_rng_state()
-    hutchinson_diagonal(grads, [x], ProbeGenerator(0), n_samples=5)
-    rademacher_like(x, ProbeGenerator(1).for_device(x.device))
+    hutchinson_diagonal(grads, [x], Probes(0), n_samples=5)
+    Probes(1).draw(0, x)
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -176,7 +173,7 @@ def test_parameters_without_curvature_get_zero_without_error():
     grads = _grads_with_graph(loss, params)
     assert grads[2] is None and not grads[0].requires_grad and grads[1].requires_grad
 
-    est = hutchinson_diagonal(grads, params, ProbeGenerator(0), n_samples=2)
+    est = hutchinson_diagonal(grads, params, Probes(0), n_samples=2)
     for p, e in zip(params[:3], est[:3]):
         assert e.shape == p.shape and torch.equal(e, torch.zeros_like(e))
     torch.testing.assert_close(est[3], 12 * curved.detach() ** 2)
@@ -186,7 +183,7 @@ def test_all_parameters_without_curvature_is_not_an_error():
     """A loss linear in every parameter (no gradient has a graph) gives all-zero estimates."""
     w = torch.ones(4, requires_grad=True)
     grads = _grads_with_graph((w * torch.arange(4.0)).sum(), [w])
-    (est,) = hutchinson_diagonal(grads, [w], ProbeGenerator(0))
+    (est,) = hutchinson_diagonal(grads, [w], Probes(0))
     assert torch.equal(est, torch.zeros(4))
 
 
@@ -200,9 +197,9 @@ def test_probe_stream_does_not_depend_on_which_parameters_have_curvature():
     a = torch.randn(3, generator=gen).requires_grad_(True)
     b = torch.randn(5, generator=gen).requires_grad_(True)
     with_curved_a = hutchinson_diagonal(_grads_with_graph((a**3).sum() + _quadratic(b, h), [a, b]),
-                                        [a, b], ProbeGenerator(3))
+                                        [a, b], Probes(3))
     with_linear_a = hutchinson_diagonal(_grads_with_graph(a.sum() + _quadratic(b, h), [a, b]),
-                                        [a, b], ProbeGenerator(3))
+                                        [a, b], Probes(3))
     assert torch.equal(with_curved_a[1], with_linear_a[1])
 
 
@@ -282,3 +279,27 @@ def test_conv_kernels_are_not_averaged_when_average_conv_kernel_is_false():
     # They are then blocked like any other tensor: blocks of 2 along kw, the last of one tap.
     torch.testing.assert_close(block_average(d, 2, average_conv_kernel=False), _reference_block_average(d, 2),
                                rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------- coverage
+def test_a_row_is_observed_when_any_of_its_entries_is_nonzero():
+    """Rows are slices along the first dim; a 1-D tensor's rows are its entries, a 0-d tensor is one row."""
+    s = torch.zeros(4, 3)
+    s[1, 2] = -0.5
+    s[3] = 1.0
+    assert observed_rows(s).tolist() == [False, True, False, True]
+    assert observed_rows(torch.tensor([0.0, 2.0, 0.0])).tolist() == [False, True, False]
+    assert observed_rows(torch.tensor(0.0)).item() is False
+    assert observed_rows(torch.zeros(2, 2, 3, 3).index_fill_(0, torch.tensor([1]), 1.0)).tolist() == [False, True]
+
+
+def test_embedding_rows_no_token_used_have_an_estimate_of_exactly_zero():
+    """Why "exactly zero" can stand for "not observed": an embedding row outside the batch has
+    a zero gradient and a zero Hessian row, so its z ⊙ Hz sum is exactly 0."""
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 1)
+    tokens = torch.tensor([[1, 3, 3], [5, 1, 7]])
+    loss = torch.tanh(head(emb(tokens))).pow(2).sum()
+    grads = _grads_with_graph(loss, [emb.weight])
+    (est,) = hutchinson_diagonal(grads, [emb.weight], Probes(0))
+    assert observed_rows(est).nonzero().flatten().tolist() == [1, 3, 5, 7]

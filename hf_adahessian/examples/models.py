@@ -4,7 +4,7 @@ No pretrained SqueezeBERT, Marian or T5 checkpoint can be downloaded here, so
 scripts train from scratch: this writes a folder that ``--model_name_or_path``
 accepts, with a tokenizer trained by the ``tokenizers`` library on the data.
 
-    python -m hf_adahessian.models --model_type marian --size small \\
+    python -m hf_adahessian.examples.models --model_type marian --size small \\
         --train_file ../shared/data/multi30k/train.jsonl --output_dir runs/marian-small
 """
 
@@ -369,7 +369,7 @@ class BuildModelArguments:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``hf-adahessian-build-model`` / ``python -m hf_adahessian.models``."""
+    """Entry point of ``hf-adahessian-build-model`` / ``python -m hf_adahessian.examples.models``."""
     parser = HfArgumentParser(
         BuildModelArguments,
         prog="hf-adahessian-build-model",

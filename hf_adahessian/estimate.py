@@ -1,0 +1,180 @@
+"""One optimizer step's estimate of the Hessian diagonal.
+
+For a Rademacher vector z (entries ±1), E[z ⊙ Hz] = diag(H): the off-diagonal
+terms cancel in expectation because E[z_i z_j] = 0 for i ≠ j and z_i² = 1.
+
+A :class:`HessianEstimate` belongs to one optimizer step.  It is made once
+(``AdaHessian.estimate()``), fed one micro-batch at a time by an estimator
+(``estimators.py``: the exact double backward or finite differences), reduced
+across processes by an explicit :meth:`~HessianEstimate.all_reduce_`, and
+consumed by ``AdaHessian.step()``, which takes |·|, averages it over blocks and
+lets only the coordinates the estimate observed into v.
+
+Its probes are a pure function of (seed, step, parameter, sample), so every
+micro-batch and every process draws the same z without saving a generator
+state, and a resumed run draws the stream it would have drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .distributed import all_reduce_mean_
+from .estimators import accumulate_exact
+from .probes import Probes, estimate_dtype
+
+__all__ = ["HessianEstimate", "block_average", "block_average_", "observed_rows"]
+
+
+def block_average(d: torch.Tensor, block_size: int = 1, average_conv_kernel: bool = True) -> torch.Tensor:
+    """Average a Hessian-diagonal estimate over the blocks that share a curvature.
+
+    Conv kernels (4-D) are averaged over their spatial dims; then any tensor of
+    two or more dims is averaged over contiguous blocks of ``block_size`` along
+    its last dim, the last block being shorter when the size does not divide.
+    Smoothing over blocks lowers the variance of a one-probe estimate, which is
+    why the authors' transformer recipe used blocks of 32.
+    """
+    return block_average_(d.clone(), block_size, average_conv_kernel)
+
+
+def block_average_(d: torch.Tensor, block_size: int = 1, average_conv_kernel: bool = True) -> torch.Tensor:
+    """``block_average`` in place (no parameter-sized buffer), returning ``d``."""
+    if d.dim() == 4 and average_conv_kernel:
+        d.copy_(d.mean(dim=(2, 3), keepdim=True).expand_as(d))
+    if d.dim() < 2 or block_size <= 1 or d.shape[-1] <= 1:
+        return d
+    n = d.shape[-1]
+    full = (n // block_size) * block_size
+    # Splitting the last dim is a view even on the slice, so each block is averaged where it lies.
+    blocks = [d[..., :full].unflatten(-1, (full // block_size, block_size))] if full else []
+    if full < n:
+        blocks.append(d[..., full:])
+    for block in blocks:
+        block.copy_(block.mean(dim=-1, keepdim=True).expand_as(block))
+    return d
+
+
+def observed_rows(signed_sum: torch.Tensor) -> torch.Tensor:
+    """Which rows (slices along the first dim) the estimate saw: any entry of the row is nonzero.
+
+    An embedding row that no token of the batch used has a gradient and a Hessian
+    row of exactly zero, so its sum is exactly zero: that is "not observed", not
+    "no curvature".  Rows are the granularity because that is how coverage varies
+    in practice (embedding rows, dead units); a 0-d tensor is one row.
+    """
+    if signed_sum.dim() == 0:
+        return signed_sum.ne(0)
+    return signed_sum.reshape(signed_sum.shape[0], -1).ne(0).any(dim=1)
+
+
+class HessianEstimate:
+    """The signed sums of z ⊙ Hz over one step's micro-batches (and, after the reduce, processes).
+
+    ``params`` are the optimizer's trainable parameters in group order; the probe of
+    parameter ``i`` is ``probes.draw(i, ...)``.  The sums are kept signed and
+    unscaled (an AMP loss scale is divided out as each term is added): across
+    micro-batches and processes they are added before the absolute value is taken,
+    as for one large batch.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], seed: int, step: int, n_samples: int = 1, key=None,
+                 hessian_scale: float | None = None):
+        self.params = list(params)
+        self.probes = Probes(seed, step)
+        self.step, self.n_samples, self.key = step, n_samples, key
+        # The largest AMP loss scale a micro-batch came with, and the scale the exact
+        # estimator's second backward runs at under one (the optimizer's, which backs off
+        # on overflow).
+        self.loss_scale = 1.0
+        self.hessian_scale = hessian_scale
+        self.sums: list[torch.Tensor | None] = [None] * len(self.params)
+        # Whether an estimator put gradients into .grad outside DDP's reducer: then the
+        # all-reduce must average those too.
+        self.made_gradients = False
+        # Finite differences: the sums hold z ⊙ Σ g(θ + εz) until the gradient at θ is
+        # known; finish_() turns them into z ⊙ (Σ g(θ + εz) − Σ g(θ)) / ε.
+        self.pending_difference: float | None = None
+        self.micro_batches = 0
+        self.reduced = False
+
+    def accumulate(self, loss: torch.Tensor | None = None, *, grads: Sequence[torch.Tensor | None] | None = None,
+                   scale: float = 1.0, add_grad: bool = True) -> None:
+        """Add one micro-batch with the exact estimator (double backward); see ``estimators.accumulate_exact``.
+
+        ``loss`` as it would go to ``backward()``: divided for accumulation, times the
+        AMP loss ``scale`` if there is one.  Adds the micro-batch's gradient to ``.grad``
+        unless ``add_grad=False``, and frees the graph before returning.
+        """
+        self.loss_scale = max(self.loss_scale, scale)
+        accumulate_exact(self, loss, grads=grads, scale=scale, add_grad=add_grad,
+                         hessian_scale=self.hessian_scale if scale > 1.0 else None)
+
+    def probe(self, index: int, sample: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+        return self.probes.draw(index, self.params[index], sample, dtype)
+
+    def add_(self, index: int, term: torch.Tensor) -> None:
+        """Add a term (fresh, owned by the estimate from now on) to parameter ``index``'s sum."""
+        acc = self.sums[index]
+        self.sums[index] = term if acc is None else acc.add_(term)
+
+    def filled(self) -> list[torch.Tensor]:
+        """Every sum, a zero tensor where nothing was added: a fixed set on every process."""
+        for i, p in enumerate(self.params):
+            if self.sums[i] is None:
+                self.sums[i] = torch.zeros_like(p, dtype=estimate_dtype(p))
+        return self.sums  # type: ignore[return-value]
+
+    def all_reduce_(self, reduce: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+        """Average the estimate (and the gradients it made) across processes, in place.
+
+        Every process sends the same list of tensors, whichever parameters its own
+        micro-batches touched: a parameter used on one rank only gets a zero sum
+        and, if the estimate made gradients, a zero gradient on the others, and a
+        gradient that is None on every process is None again afterwards.
+        """
+        tensors = list(self.filled())
+        grads = []
+        if self.made_gradients:
+            present = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32,
+                                   device=self.params[0].device if self.params else None)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in self.params]
+            tensors += grads + [present]
+        (reduce or all_reduce_mean_)(tensors)
+        if self.made_gradients:
+            for p, used in zip(self.params, present.tolist()):
+                if used == 0:
+                    p.grad = None
+        self.reduced = True
+
+    def finish_(self) -> None:
+        """For finite differences: subtract the gradient at θ, now that ``.grad`` holds all of it.
+
+        Called after the last micro-batch (and after the reduce), before anything
+        (clipping, unscaling) changes ``.grad``.
+        """
+        eps = self.pending_difference
+        if eps is None:
+            return
+        scale = self._fd_scale
+        for i, p in enumerate(self.params):
+            acc = self.sums[i]
+            g = p.grad
+            if acc is None and g is None:
+                continue
+            if acc is None:
+                acc = self.sums[i] = torch.zeros_like(p, dtype=estimate_dtype(p))
+            if g is not None:
+                acc.sub_(self.probe(i, 0, acc.dtype).mul_(g.to(acc.dtype)), alpha=1.0 / scale)
+            acc.div_(eps)
+        self.pending_difference = None
+
+    def _set_difference(self, eps: float, scale: float) -> None:
+        if self.pending_difference is not None and (self.pending_difference, self._fd_scale) != (eps, scale):
+            raise RuntimeError("finite-difference micro-batches of one step must share the step and the loss scale")
+        self.pending_difference, self._fd_scale = eps, scale

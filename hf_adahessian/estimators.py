@@ -1,0 +1,282 @@
+"""How Hz is obtained for a probe z: the estimators that feed a :class:`HessianEstimate`.
+
+* ``exact`` (the paper's): differentiate g·z through the graph of a gradient built
+  with ``create_graph=True``.  Exact, but it differentiates the backward itself, so
+  it needs kernels with a double backward and costs about three plain backwards.
+* ``finite_difference``: Hz ≈ (∇L(θ + εz) − ∇L(θ)) / ε, from two ordinary gradient
+  passes, so it runs wherever a plain backward runs (fused attention kernels,
+  torch.compile, reentrant checkpointing) and keeps no double-backward graph.
+  Its error is O(ε); ε is relative to the parameters' norm (``fd_epsilon``).
+
+Each estimator adds the terms of one micro-batch to the estimate; the Trainer
+hook (``hessian_pass.py``) and the standalone optimizer call them alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from .probes import Probes, estimate_dtype
+
+if TYPE_CHECKING:
+    from .estimate import HessianEstimate
+
+__all__ = [
+    "hessian_vector_products",
+    "hutchinson_diagonal",
+    "accumulate_exact",
+    "fd_epsilon",
+    "perturbed",
+    "add_perturbed_gradients",
+    "DEFAULT_FD_STEP",
+]
+
+
+# ---------------------------------------------------------------------------- exact
+
+
+class _ProbeDot(torch.autograd.Function):
+    """Σ g ⊙ z for an int8 probe z, as far as autograd is concerned.
+
+    Differentiating Σ g ⊙ z through g's graph gives Hz.  Only that gradient is
+    ever used, never the product itself, so the forward returns a zero instead
+    of computing it (a parameter-sized conversion and dot product saved), and
+    autograd keeps only the int8 probe: written as a plain product, it would
+    hold a float copy of every probe until the Hessian-vector product is done.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        return g.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (z,) = ctx.saved_tensors
+        return z.to(grad_out.dtype).mul_(grad_out), None
+
+
+def hessian_vector_products(
+    grads: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    vectors: Sequence[torch.Tensor],
+    retain_graph: bool = False,
+    seed_gradient: float = 1.0,
+) -> list[torch.Tensor | None]:
+    """``seed_gradient`` · Hv for each parameter, differentiating ``sum(g·v)`` through the grads' graph.
+
+    ``grads`` must have been made with ``create_graph=True``.  A parameter that
+    the gradients do not depend on gets ``None`` (its Hessian block is zero).
+    ``seed_gradient`` scales every cotangent of the second backward: under fp16
+    it keeps that backward's intermediates in range when the first one ran at a
+    large loss scale.
+    """
+    total = sum(_ProbeDot.apply(g, v) for g, v in zip(grads, vectors))
+    seed = torch.full_like(total, seed_gradient)
+    try:
+        return list(torch.autograd.grad(total, list(params), grad_outputs=seed, retain_graph=retain_graph,
+                                        allow_unused=True))
+    except RuntimeError as err:
+        if "derivative for" in str(err) and "not implemented" in str(err):
+            raise RuntimeError(NO_DOUBLE_BACKWARD_MESSAGE.format(error=str(err).splitlines()[0])) from err
+        raise
+
+
+NO_DOUBLE_BACKWARD_MESSAGE = (
+    "AdaHessian's exact Hessian-vector product needs a double backward, and an operation in this model "
+    "has none ({error}). With Hugging Face attention on CPU or CUDA, run the Hessian step's forward under "
+    "hf_adahessian.double_backward_ready(model) (SDPA's math kernel), or load the model with "
+    "attn_implementation=\"eager\"; or use hessian_estimator=\"finite_difference\", which needs only "
+    "ordinary backwards; AdaHessianTrainer does the first for you."
+)
+
+
+def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: float):
+    """Yield (index, Σ_samples z ⊙ seed·Hz) for the parameters with a Hessian path, one probe set at a time."""
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    terms: dict[int, torch.Tensor] = {}
+    for sample in range(n_samples):
+        if not live:
+            break
+        zs = {i: probes.draw(i, params[i], sample) for i in live}
+        hvs = hessian_vector_products([grads[i] for i in live], [params[i] for i in live], [zs[i] for i in live],
+                                      retain_graph=sample < n_samples - 1, seed_gradient=seed_gradient)
+        for i, hv in zip(live, hvs):
+            if hv is None:
+                continue
+            # Hv is a fresh tensor that nothing else holds: z ⊙ Hv is made in it.
+            term = hv.to(estimate_dtype(hv)).mul_(zs[i])
+            terms[i] = term if i not in terms else terms[i].add_(term)
+        del zs, hvs
+    return terms
+
+
+def hutchinson_diagonal(
+    grads: Sequence[torch.Tensor | None],
+    params: Sequence[torch.Tensor],
+    probes: Probes,
+    n_samples: int = 1,
+    scale: float = 1.0,
+) -> list[torch.Tensor]:
+    """Mean over ``n_samples`` probes of z ⊙ Hz / scale, in fp32 or wider, one tensor per parameter.
+
+    The functional form, usable without the optimizer.  A parameter without a
+    Hessian path (no gradient, or a gradient without a graph) gets zeros.
+    """
+    terms = _exact_terms(grads, params, probes, n_samples, 1.0)
+    out = []
+    for i, p in enumerate(params):
+        t = terms.get(i)
+        if t is None:
+            t = torch.zeros_like(p, dtype=estimate_dtype(p))
+        elif n_samples * scale != 1.0:
+            t.mul_(1.0 / (n_samples * scale))
+        out.append(t)
+    return out
+
+
+def accumulate_exact(
+    estimate: HessianEstimate,
+    loss: torch.Tensor | None = None,
+    *,
+    grads: Sequence[torch.Tensor | None] | None = None,
+    scale: float = 1.0,
+    hessian_scale: float | None = None,
+    add_grad: bool = True,
+) -> None:
+    """Add one micro-batch's z ⊙ Hz / scale to ``estimate`` and, with ``add_grad``, its gradient to ``.grad``.
+
+    ``loss`` is the micro-batch loss exactly as it would go to ``backward()``
+    (already divided for accumulation, already multiplied by an AMP loss scale
+    ``scale``); or pass ``grads`` made with ``create_graph=True``.  The estimate is
+    stored unscaled; ``.grad`` stays scaled for the GradScaler.  ``hessian_scale``
+    (≤ ``scale``) is the scale the second backward runs at.  The double-backward
+    graph is released before this returns.
+    """
+    params = estimate.params
+    if grads is None:
+        if loss is None:
+            raise ValueError("accumulate needs either a loss or grads.")
+        if not params:
+            raise ValueError(NO_PARAMETERS_MESSAGE)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    grads = list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"accumulate got {len(grads)} grads for {len(params)} trainable parameters.")
+    seed_gradient = 1.0 if hessian_scale is None else min(1.0, hessian_scale / scale)
+    terms = _exact_terms(grads, params, estimate.probes, estimate.n_samples, seed_gradient)
+    factor = 1.0 / (estimate.n_samples * scale * seed_gradient)
+    with torch.no_grad():
+        for i, term in terms.items():
+            estimate.add_(i, term.mul_(factor) if factor != 1.0 else term)
+        if add_grad:
+            estimate.made_gradients = True
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                g = g.detach()
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+    estimate.micro_batches += 1
+
+
+NO_PARAMETERS_MESSAGE = "AdaHessian has no trainable parameters: every parameter it was given has requires_grad=False."
+
+
+# ---------------------------------------------------------------------------- finite differences
+
+# The perturbation ε·z has norm DEFAULT_FD_STEP[dtype]·‖θ‖.  Forward differences err by
+# O(ε) (truncation) plus rounding/ε; the rounding of a gradient is that of the dtype the
+# forward runs in, hence a larger step under bf16 autocast (measured in
+# tests/test_finite_difference.py and BENCHMARKS.md).
+DEFAULT_FD_STEP = {torch.float64: 1e-5, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def fd_epsilon(params: Sequence[torch.Tensor], relative_step: float) -> float:
+    """ε such that ‖εz‖ = relative_step · ‖θ‖ (z of ±1 entries: ‖z‖² is the parameter count)."""
+    if not params:
+        return relative_step
+    norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32).to(params[0].device)
+                         for p in params])
+    theta = float(torch.linalg.vector_norm(norms))
+    count = sum(p.numel() for p in params)
+    theta = theta if math.isfinite(theta) and theta > 0 else 1.0
+    return relative_step * theta / math.sqrt(count)
+
+
+@contextlib.contextmanager
+def perturbed(estimate: HessianEstimate, eps: float):
+    """θ ← θ + εz for the duration, then θ restored bit for bit from a saved copy.
+
+    The saved copy is the one parameter-sized buffer this estimator adds while
+    it is alive; subtracting εz again would not give θ back exactly.
+    """
+    params = estimate.params
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for i, p in enumerate(params):
+            p.add_(estimate.probe(i, 0, p.dtype), alpha=eps)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        del saved
+
+
+def add_perturbed_gradients(estimate: HessianEstimate, grads: Sequence[torch.Tensor | None], eps: float,
+                            scale: float = 1.0) -> None:
+    """Add z ⊙ g(θ + εz) / scale; ``finish_`` subtracts z ⊙ g(θ) and divides by ε later."""
+    estimate._set_difference(eps, scale)
+    with torch.no_grad():
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            # The caller hands over g(θ + εz), which nothing else needs: z ⊙ g is made in it.
+            term = g.detach().to(estimate_dtype(g))
+            term.mul_(estimate.probe(i, 0, term.dtype))
+            estimate.add_(i, term.div_(scale) if scale != 1.0 else term)
+    estimate.micro_batches += 1
+
+
+def rng_devices(params: Sequence[torch.Tensor]) -> list[int]:
+    """The CUDA devices whose RNG a forward may draw from (dropout), for ``torch.random.fork_rng``."""
+    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+
+
+def closure_difference(estimate: HessianEstimate, closure: Callable[[], torch.Tensor], relative_step: float):
+    """The standalone finite-difference step: closure at θ (the step's gradient), then at θ + εz.
+
+    The closure zeroes the gradients, computes the loss and calls ``backward()``, as
+    for torch's LBFGS.  The second call replays the first one's RNG state, so
+    dropout draws the same masks; its gradients are folded into the estimate and
+    ``.grad`` is given back the first call's.
+    """
+    params = estimate.params
+    devices = rng_devices(params)
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    with torch.enable_grad():
+        loss = closure()
+    kept = [p.grad for p in params]
+    eps = fd_epsilon(params, relative_step)
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu_state)
+        for d, state in zip(devices, cuda_states):
+            torch.cuda.set_rng_state(state, d)
+        with perturbed(estimate, eps), torch.enable_grad():
+            for p in params:
+                p.grad = None
+            closure()
+            add_perturbed_gradients(estimate, [p.grad for p in params], eps)
+    for p, g in zip(params, kept):
+        p.grad = g
+    estimate.finish_()
+    return loss

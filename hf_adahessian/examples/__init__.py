@@ -1,0 +1,1 @@
+"""The example scripts' tooling: model builder, offline metrics, demo data, script support (the [examples] extra)."""

@@ -1,0 +1,282 @@
+"""What a Hessian step needs from the model and from accelerate, in one place.
+
+Used by ``AdaHessianTrainer`` and by every benchmark and profile, so that what is
+measured is what the trainer runs:
+
+* :func:`double_backward_ready` — the exact estimator's forward: outside DDP's
+  reducer (it cannot see ``autograd.grad``), with an attention implementation that
+  has a double backward (SDPA's math kernel; flex attention swapped for SDPA);
+* :func:`capture_backward` / :func:`mark` — the seam onto accelerate: a marked
+  loss reaches ``Accelerator.backward`` as any loss does, accelerate divides it for
+  accumulation and multiplies it by the loss scale as it always does, and when it
+  calls ``.backward()`` on the result the Hessian pass takes over.  Nothing of
+  accelerate is patched or re-implemented; :func:`amp_scale` reads its scaler;
+* :func:`micro_batch` — one micro-batch of a Hessian step through the Trainer's own
+  ``training_step``, for each estimator (exact, exact in chunks, exact on a sub-batch,
+  finite differences).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Callable
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel
+
+from .distributed import world_size
+from .estimate import HessianEstimate
+from .estimators import add_perturbed_gradients, fd_epsilon, perturbed, rng_devices
+
+__all__ = [
+    "double_backward_ready",
+    "no_sync",
+    "capture_backward",
+    "mark",
+    "is_marked",
+    "amp_scale",
+    "split_batch",
+    "micro_batch",
+]
+
+# Attention implementations whose backward is built from ordinary ops, or SDPA,
+# whose math kernel (forced below) has a double backward.  Others are swapped to
+# "sdpa" for the Hessian forward.
+DOUBLE_BACKWARD_ATTENTION = {None, "eager", "sdpa"}
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(getattr(model, "module", None), torch.nn.Module) and isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def no_sync(model: torch.nn.Module):
+    """DDP's ``no_sync`` when ``model`` is DDP-wrapped, else nothing."""
+    with model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext():
+        yield
+
+
+@contextlib.contextmanager
+def double_backward_ready(model: torch.nn.Module):
+    """No DDP reducer, and attention with a double backward, for the exact estimator's forward."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(no_sync(model))
+        inner = _unwrapped(model)
+        config = getattr(inner, "config", None)
+        attn = getattr(config, "_attn_implementation", None)
+        if attn not in DOUBLE_BACKWARD_ATTENTION and hasattr(inner, "set_attn_implementation"):
+            inner.set_attn_implementation("sdpa")
+            stack.callback(inner.set_attn_implementation, attn)
+        # SDPA's flash and memory-efficient kernels (on CPU too) have no double backward.
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        yield
+
+
+# ----------------------------------------------------------------------------- the backward seam
+
+_SINK: contextvars.ContextVar[Callable[[torch.Tensor], None] | None] = contextvars.ContextVar("_SINK", default=None)
+
+
+class _MarkedLoss(torch.Tensor):
+    """A loss whose ``backward()`` goes to the active sink instead of autograd.
+
+    Every op on it (accelerate's division for accumulation, the GradScaler's
+    multiplication) keeps the subclass, so what reaches ``backward()`` is exactly
+    what accelerate would have backpropagated.
+    """
+
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+        sink = _SINK.get()
+        if sink is None:
+            raise RuntimeError("a loss marked for the Hessian pass was backpropagated outside capture_backward().")
+        sink(self.as_subclass(torch.Tensor))
+
+
+@contextlib.contextmanager
+def capture_backward(sink: Callable[[torch.Tensor], None]):
+    """Inside, ``backward()`` of a loss made by :func:`mark` calls ``sink(loss)`` instead."""
+    if _SINK.get() is not None:
+        raise RuntimeError("capture_backward() does not nest.")
+    token = _SINK.set(sink)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
+
+
+def mark(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` marked for the active capture, or ``loss`` itself when there is none."""
+    if _SINK.get() is None or not isinstance(loss, torch.Tensor):
+        return loss
+    return loss.as_subclass(_MarkedLoss)
+
+
+def is_marked(t) -> bool:
+    """Whether ``t`` is a loss on its way to the Hessian pass."""
+    return isinstance(t, _MarkedLoss)
+
+
+def plain(t):
+    """A marked tensor (the Trainer's returned loss) as a plain one."""
+    return t.as_subclass(torch.Tensor) if isinstance(t, _MarkedLoss) else t
+
+
+def amp_scale(accelerator) -> float:
+    """The loss scale accelerate multiplies the loss by (1 without a GradScaler)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def split_batch(inputs: dict, sizes: list[int], count_items: Callable[[dict], float]) -> list[tuple[dict, float]]:
+    """The batch cut into consecutive row ranges of ``sizes``, each with its share of the items.
+
+    Items are what the Trainer counts for ``num_items_in_batch`` (``count_items``):
+    label tokens that are not ignored, or rows when there are no labels.
+    """
+    batch = _batch_size(inputs)
+    total = count_items(inputs)
+    out, start = [], 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        part = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+        share = count_items(part) / total if total else size / batch
+        out.append((part, share))
+        start += size
+    return out
+
+
+def _batch_size(inputs: dict) -> int:
+    sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            "hessian_batch_fraction and hessian_chunks need inputs whose tensors share one batch dimension; "
+            f"got leading sizes {sorted(sizes)}. Use hessian_batch_fraction=1,hessian_chunks=1."
+        )
+    return sizes.pop()
+
+
+def chunk_sizes(batch: int, chunks: int) -> list[int]:
+    chunks = max(1, min(chunks, batch))
+    base, extra = divmod(batch, chunks)
+    return [base + (i < extra) for i in range(chunks)]
+
+
+# ----------------------------------------------------------------------------- one micro-batch
+
+StockStep = Callable[[torch.nn.Module, dict, Any], torch.Tensor]
+
+
+def micro_batch(
+    *,
+    model: torch.nn.Module,
+    inputs: dict,
+    num_items_in_batch,
+    estimate: HessianEstimate,
+    stock_step: StockStep,
+    accelerator,
+    estimator: str,
+    relative_fd_step: float,
+    batch_fraction: float = 1.0,
+    chunks: int = 1,
+    count_items: Callable[[dict], float],
+    last: bool,
+) -> torch.Tensor:
+    """One micro-batch of a Hessian step; returns the loss the Trainer logs.
+
+    ``stock_step`` is the Trainer's own ``training_step`` (its loss, its scaling for
+    accumulation and ``num_items_in_batch``, accelerate's backward), with
+    ``compute_loss`` marking the loss for :func:`capture_backward`.  On the last
+    micro-batch the estimate is reduced across processes and, for finite
+    differences, completed with the gradient at θ.
+    """
+    if estimator == "finite_difference":
+        loss = _finite_difference(model, inputs, num_items_in_batch, estimate, stock_step, accelerator,
+                                  relative_fd_step)
+    elif batch_fraction < 1.0:
+        loss = _exact_sub_batch(model, inputs, num_items_in_batch, estimate, stock_step, accelerator,
+                                batch_fraction, count_items)
+    else:
+        loss = _exact(model, inputs, num_items_in_batch, estimate, stock_step, accelerator, chunks, count_items)
+    if last:
+        if world_size() > 1:
+            estimate.all_reduce_()
+        estimate.finish_()
+    return loss
+
+
+def _exact_sink(estimate: HessianEstimate, accelerator, weight: float = 1.0, add_grad: bool = True):
+    def sink(loss: torch.Tensor) -> None:
+        estimate.accumulate(loss * weight if weight != 1.0 else loss, scale=amp_scale(accelerator),
+                            add_grad=add_grad)
+    return sink
+
+
+def _exact(model, inputs, num_items, estimate, stock_step, accelerator, chunks, count_items):
+    """Gradient and Hessian from one double backward per chunk; only one chunk's graph is alive at a time.
+
+    The estimate is linear in the loss, so chunks weighted by their share of the
+    items sum to the whole micro-batch's estimate and gradient.
+    """
+    if chunks <= 1:
+        with double_backward_ready(model), capture_backward(_exact_sink(estimate, accelerator)):
+            return plain(stock_step(model, inputs, num_items))
+    parts = split_batch(inputs, chunk_sizes(_batch_size(inputs), chunks), count_items)
+    total = None
+    for part, share in parts:
+        items = None if num_items is None else num_items * share
+        with double_backward_ready(model), capture_backward(_exact_sink(estimate, accelerator, weight=share)):
+            loss = plain(stock_step(model, part, items)) * share
+        total = loss if total is None else total + loss
+    return total
+
+
+def _exact_sub_batch(model, inputs, num_items, estimate, stock_step, accelerator, fraction, count_items):
+    """A Hessian-only pass on the head of the batch, then the Trainer's own step for the gradient.
+
+    A Hessian pass (forward, backward with a graph, Hessian-vector product) costs
+    about three plain steps; on a quarter of the batch about three quarters of one,
+    for a noisier estimate.  The gradient stays exact and DDP syncs it as usual.
+    """
+    batch = _batch_size(inputs)
+    keep = max(1, math.ceil(fraction * batch))
+    ((head, share),) = split_batch(inputs, [keep], count_items)
+    # The head's loss is normalised as the head's own mean: its curvature is an estimate
+    # of the whole batch's, at the same scale.
+    head_items = None if num_items is None else num_items * share
+    # Hessian first: its graph is gone before the full batch's gradient exists.
+    with double_backward_ready(model), capture_backward(_exact_sink(estimate, accelerator, add_grad=False)):
+        stock_step(model, head, head_items)
+    return plain(stock_step(model, inputs, num_items))
+
+
+def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerator, relative_step):
+    """The same micro-batch at θ + εz, then the Trainer's own step at θ with the same dropout masks.
+
+    The perturbed pass goes first: its gradients are folded into the estimate as
+    they are made and θ is restored before the real step's gradient exists, so the
+    saved parameters and the step's gradient are never alive at once.
+    """
+    if estimate.pending_difference is None:
+        eps = fd_epsilon(estimate.params, relative_step)
+    else:
+        eps = estimate.pending_difference
+    params = estimate.params
+
+    def sink(loss: torch.Tensor) -> None:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        add_perturbed_gradients(estimate, grads, eps, scale=amp_scale(accelerator))
+
+    with torch.random.fork_rng(devices=rng_devices(params)), no_sync(model), perturbed(estimate, eps), \
+            capture_backward(sink):
+        stock_step(model, inputs, num_items)
+    return plain(stock_step(model, inputs, num_items))
