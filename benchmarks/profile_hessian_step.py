@@ -1,214 +1,122 @@
 """Where one AdaHessian Hessian step spends its time: MiniLM, batch 16, length 64, on CPU.
 
-    python benchmarks/profile_hessian_step.py [--repeats 15] [--threads 2] [--output_dir DIR]
+    python -m benchmarks.profile_hessian_step [--repeats 15] [--warmup 3] [--estimators exact,finite_difference]
+    python -m benchmarks.profile_hessian_step --quick     # CI: one round, one profiled step, a temporary folder
 
-The step is taken apart as ``AdaHessianTrainer`` runs it, with plain timers around each phase:
+Each step is taken apart from the package's own pieces (``steps.py``), with a timer around each phase.
+The exact estimator (the paper's double backward):
 
-    forward          the model's loss (SDPA's math kernel, which has a double backward)
+    forward          the model's loss, under hessian_pass.double_backward_ready (SDPA's math kernel)
     grad (graph)     torch.autograd.grad(loss, params, create_graph=True)
-    Hessian-vector   optimizer.accumulate_hessian(grads=...): Rademacher probes, Hz through the
+    Hessian-vector   optimizer.estimate().accumulate(grads=...): the probes, Hz through the
                      gradients' graph, z ⊙ Hz into the step's estimate, the gradients into .grad
     clip             clip_grad_norm_(1.0), as the Trainer does
-    update           optimizer.step(): |D|, block averages (32), finiteness check, the update
+    update           optimizer.step(): |D|, block averages, finiteness check, the update
     zero_grad        set_to_none
 
-In the same process and interleaved round by round (so that another process on the
-cores slows all of them alike), the same batch through an AdamW step (forward, backward,
-clip, step, zero_grad) and an AdaHessian step without a Hessian (the steps between two
-estimates when hessian_interval > 1). On this kind of machine a fresh large allocation is
-expensive (page faults) and other processes come and go, so each phase is measured
-``--repeats`` times after ``--warmup`` rounds and the medians are reported (the first,
-cold, round is kept in the JSON). A ``torch.profiler`` trace of ``--profile_steps`` Hessian
-steps then gives the top operators by self CPU time.
+The finite-difference estimator (``hessian_estimator=finite_difference``), as the trainer runs it:
+
+    perturb θ+εz     estimators.perturbed: θ saved, θ += εz
+    forward (θ+εz), grad (θ+εz)   an ordinary forward and gradient at the perturbed point
+    z ⊙ g(θ+εz)      estimators.add_perturbed_gradients
+    restore θ        θ copied back
+    forward, backward   the step's own gradient at θ (same dropout masks)
+    difference       est.finish_(): z ⊙ (g(θ+εz) − g(θ)) / ε
+    clip, update, zero_grad
+
+In the same process and interleaved round by round (so that another process on the cores
+slows all of them alike), the same batch through an AdamW step, an AdaHessian step without a
+Hessian (the steps between two estimates when hessian_interval > 1) and, with ``--peers``, the
+peer packages' Hessian steps (``backward(create_graph=True)`` under ``double_backward_ready``,
+then their ``step()``). Each is measured ``--repeats`` times after ``--warmup`` rounds and the
+medians are reported (the first, cold, round is kept in the JSON). A ``torch.profiler`` trace of
+``--profile_steps`` Hessian steps per estimator then gives the top operators by self CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from . import specs
+from .minilm import BATCH_SIZE, MAX_LENGTH, minilm_for_training, setup
+from .options import output_dir, profile_parser
+from .report import fmt, markdown_table, provenance, write_report
+from .steps import PhaseTimer, backward_step, exact_hessian_step, finite_difference_hessian_step
 
-import common  # noqa: E402
+# Every AdaHessian here: these settings, and a Hessian on every step (interval 1) unless said.
+ADAHESSIAN = {"lr": 1e-3, "block_size": 32, "seed": 0}
+NEVER_AGAIN = 10**9  # an interval after which no second estimate comes: every step after the first is plain
+HESSIAN_STEP = {"exact": "adahessian exact Hessian step", "finite_difference": "adahessian finite-difference Hessian step"}
+HESSIAN_FN = {"exact": exact_hessian_step, "finite_difference": finite_difference_hessian_step}
+PEERS = (specs.torch_optimizer_adahessian(1e-3, ()), specs.pytorch_optimizer_adahessian(1e-3, ()),
+         specs.sophiah(1, 1e-3, ()))
 
 
-def load_batch(tokenizer, data_dir: Path, n: int = 16, length: int = 64):
+def step_kinds(batch: dict, estimators: list[str], peers: bool) -> tuple[dict, int]:
+    """{kind: function of a phase factory that runs one step of that kind}; the parameter count."""
     import torch
-
-    sentences, labels = [], []
-    with open(common.require_data(data_dir, "sst2", ("train.jsonl",)) / "train.jsonl", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            sentences.append(row["sentence"])
-            labels.append(row["label"])
-            if len(sentences) == n:
-                break
-    batch = dict(tokenizer(sentences, padding="max_length", max_length=length, truncation=True, return_tensors="pt"))
-    batch["labels"] = torch.tensor(labels)
-    return batch
-
-
-def profile_parser(description: str, name: str) -> argparse.ArgumentParser:
-    """The options both step profiles take: threads, output folder, data folder."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output_dir", default=str(common.HERE / "results" / name))
-    p.add_argument("--data_dir", type=Path, default=common.DATA, help="the shared data (default: ../shared/data)")
-    return p
-
-
-def setup(args):
-    """Threads, quiet transformers, a fixed seed; the profiled batch of 16 SST-2 sentences."""
-    import torch
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from sst2 import model_dir
-
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    return load_batch(AutoTokenizer.from_pretrained(model_dir()), args.data_dir)
-
-
-def minilm_for_training():
-    """The pretrained MiniLM with a fresh 2-label head, in train mode, and its trainable parameters."""
-    from transformers import AutoModelForSequenceClassification
-
-    from sst2 import model_dir
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
-    model.train()
-    return model, [p for p in model.parameters() if p.requires_grad]
-
-
-def main() -> None:
-    p = profile_parser(__doc__, "profile_hessian_step")
-    p.add_argument("--repeats", type=int, default=15, help="measured rounds (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="rounds left out (default: %(default)s)")
-    p.add_argument("--profile_steps", type=int, default=5, help="Hessian steps under torch.profiler (median)")
-    p.add_argument("--top", type=int, default=15, help="operators listed")
-    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the peer packages' Hessian steps, interleaved (default: on)")
-    args = p.parse_args()
-
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.profiler import ProfilerActivity, profile, record_function
 
     from hf_adahessian import AdaHessian
 
-    batch = setup(args)
-    m_adam, p_adam = minilm_for_training()
-    m_ah, p_ah = minilm_for_training()
-    adamw = torch.optim.AdamW(p_adam, lr=1e-5)
-    # interval 2: Hessian and plain steps alternate, so each round measures one of each.
-    adahessian = AdaHessian(p_ah, lr=1e-3, hessian_interval=2, block_size=32, seed=0)
-    n_params = sum(p.numel() for p in p_ah)
-
-    def timed(times: dict, key: str, fn):
-        t = time.perf_counter()
-        out = fn()
-        times[key] = time.perf_counter() - t
-        return out
-
-    def hessian_step(label=lambda name: contextlib.nullcontext()):
-        assert adahessian.is_hessian_step()
-        t = {}
-        adahessian.begin_hessian_accumulation()
-        with sdpa_kernel([SDPBackend.MATH]):
-            with label("forward"):
-                loss = timed(t, "forward", lambda: m_ah(**batch).loss)
-            with label("grad (graph)"):
-                grads = timed(t, "grad (graph)",
-                              lambda: torch.autograd.grad(loss, p_ah, create_graph=True, allow_unused=True))
-            with label("Hessian-vector"):
-                timed(t, "Hessian-vector", lambda: adahessian.accumulate_hessian(grads=grads))
-        del grads, loss
-        with label("clip"):
-            timed(t, "clip", lambda: torch.nn.utils.clip_grad_norm_(p_ah, 1.0))
-        with label("update"):
-            timed(t, "update", adahessian.step)
-        with label("zero_grad"):
-            timed(t, "zero_grad", lambda: adahessian.zero_grad(set_to_none=True))
-        return t
-
-    def backward_step(model, params, optimizer, create_graph=False):
-        """forward, backward, clip, step(), zero_grad: AdamW's step, ours between two estimates, and
-        the peers' Hessian steps (backward(create_graph=True); their step() makes probes and Hz)."""
-        def step():
-            t = {}
-            with sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext():
-                loss = timed(t, "forward", lambda: model(**batch).loss)
-                timed(t, "backward (graph)" if create_graph else "backward",
-                      lambda: loss.backward(create_graph=create_graph))
-            del loss
-            timed(t, "clip", lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
-            timed(t, "update (with Hessian)" if create_graph else "update", optimizer.step)
-            timed(t, "zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
-            return t
-        return step
-
-    adamw_step = backward_step(m_adam, p_adam, adamw)
-    between_estimates = backward_step(m_ah, p_ah, adahessian)
-
-    def plain_step():
-        assert not adahessian.is_hessian_step()
-        return between_estimates()
-
-    kinds = {"adamw step": adamw_step, "adahessian Hessian step": hessian_step,
-             "adahessian step without Hessian": plain_step}
-    if args.peers:
+    kinds = {}
+    model, params = minilm_for_training()
+    adamw = torch.optim.AdamW(params, lr=1e-5)
+    kinds["adamw step"] = lambda phase, m=model, p=params: backward_step(m, batch, adamw, p, phase)
+    for estimator in estimators:
+        m, p = minilm_for_training()
+        opt = AdaHessian(p, hessian_interval=1, hessian_estimator=estimator, **ADAHESSIAN)
+        kinds[HESSIAN_STEP[estimator]] = lambda phase, m=m, opt=opt, fn=HESSIAN_FN[estimator]: fn(m, batch, opt, phase)
+    m, p = minilm_for_training()
+    between = AdaHessian(p, hessian_interval=NEVER_AGAIN, **ADAHESSIAN)
+    exact_hessian_step(m, batch, between)  # the one estimate: v exists, as between two estimates in training
+    kinds["adahessian step without Hessian"] = lambda phase, m=m, p=p: backward_step(m, batch, between, p, phase)
+    if peers:
         # The peer packages' Hessian steps, interleaved with ours: a ratio that one busy moment
-        # cannot tilt, unlike two runs of sst2.py minutes apart.
-        from runner import build_peer
+        # cannot tilt, unlike two comparison runs minutes apart.
+        for spec in PEERS:
+            m, p = minilm_for_training()
+            opt = specs.build_loop_optimizer(spec, p, lr=spec.lr, seed=0)
+            kinds[f"{spec.name} Hessian step"] = (
+                lambda phase, m=m, p=p, opt=opt: backward_step(m, batch, opt, p, phase, create_graph=True))
+    return kinds, sum(t.numel() for t in params)
 
-        for name in ("torch_optimizer_adahessian", "pytorch_optimizer_adahessian", "sophiah_h1"):
-            model, params = minilm_for_training()
-            kinds[f"{name} Hessian step"] = backward_step(model, params, build_peer(common.PEERS[name], params, lr=1e-3),
-                                                          create_graph=True)
+
+def measure(kinds: dict, warmup: int, repeats: int) -> tuple[dict, dict, float]:
+    """Interleaved rounds; per kind and phase the median, min and first-round seconds."""
     rounds = {k: [] for k in kinds}
     start = time.perf_counter()
-    for i in range(args.warmup + args.repeats):
+    for i in range(warmup + repeats):
         for kind, fn in kinds.items():
-            t = fn()
+            timer = PhaseTimer()
+            fn(timer)
+            t = dict(timer.seconds)
             t["total"] = sum(t.values())
             rounds[kind].append(t)
-        print(f"round {i + 1}/{args.warmup + args.repeats}: " + ", ".join(
+        print(f"round {i + 1}/{warmup + repeats}: " + ", ".join(
             f"{k} {rounds[k][-1]['total']:.3f}s" for k in kinds), flush=True)
     measure_s = time.perf_counter() - start
-
     summary = {}
     for kind, rs in rounds.items():
-        measured = rs[args.warmup:]
-        summary[kind] = {
-            phase: {"median_s": statistics.median(r[phase] for r in measured),
-                    "min_s": min(r[phase] for r in measured),
-                    "first_round_s": rs[0][phase]}
-            for phase in rs[0]
-        }
-    # The Hessian step's phases as one line per phase; the ratios to AdamW's total.
-    adam_total = summary["adamw step"]["total"]["median_s"]
-    rows = []
-    for kind, phases in summary.items():
-        for phase, s in phases.items():
-            rows.append([kind, phase, common.fmt(s["median_s"]), common.fmt(s["min_s"]), common.fmt(s["first_round_s"]),
-                         common.fmt(s["median_s"] / adam_total, ".2f")])
-    table = common.markdown_table(["step", "phase", "median s", "min s", "cold (1st) s", "× AdamW step"], rows)
+        measured = rs[warmup:]
+        summary[kind] = {phase: {"median_s": statistics.median(r[phase] for r in measured),
+                                 "min_s": min(r[phase] for r in measured), "first_round_s": rs[0][phase]}
+                         for phase in rs[0]}
+    return summary, rounds, measure_s
 
-    # torch.profiler over a few more Hessian steps, one profiler each (the plain steps that keep
-    # interval 2 alternating run outside them); per operator, the median over those steps.
-    phases = ("forward", "grad (graph)", "Hessian-vector", "clip", "update", "zero_grad")
-    prof_records, per_step = [], []
-    for _ in range(args.profile_steps):
+
+def top_operators(fn, steps: int, top: int) -> dict:
+    """``steps`` Hessian steps, one ``torch.profiler`` each; per operator the median self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_step, timers, phases = [], [], set()
+    for _ in range(steps):
+        timer = PhaseTimer(ranges=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            prof_records.append(hessian_step(record_function))
-        plain_step()
+            fn(timer)
+        timers.append(timer.seconds)
+        phases |= set(timer.seconds)
         per_step.append({e.key: (e.self_cpu_time_total / 1e3, e.cpu_time_total / 1e3, e.count)
                          for e in prof.key_averages()})
     keys = {k for step in per_step for k in step}
@@ -216,39 +124,60 @@ def main() -> None:
     def median_of(key, i):
         return statistics.median(step.get(key, (0.0, 0.0, 0))[i] for step in per_step)
 
-    ranges = {k: median_of(k, 1) for k in phases if k in keys}
     ops = [{"op": k, "self_cpu_ms": median_of(k, 0), "cpu_total_ms": median_of(k, 1), "calls": median_of(k, 2)}
            for k in keys if k not in phases]
-    top = sorted(ops, key=lambda o: o["self_cpu_ms"], reverse=True)[: args.top]
-    total_self = sum(o["self_cpu_ms"] for o in ops) or 1.0
-    op_table = common.markdown_table(
-        ["operator", "self CPU ms per Hessian step", "share", "calls"],
-        [[t["op"], common.fmt(t["self_cpu_ms"], ".1f"), common.fmt(t["self_cpu_ms"] / total_self, ".1%"),
-          common.fmt(t["calls"], ".0f")] for t in top])
+    return {"phase_cpu_ms": {k: median_of(k, 1) for k in phases if k in keys},
+            "total_self_cpu_ms": sum(o["self_cpu_ms"] for o in ops) or 1.0,
+            "step_timers": timers, "top_ops": sorted(ops, key=lambda o: o["self_cpu_ms"], reverse=True)[:top]}
 
-    ours = summary["adahessian Hessian step"]["total"]["median_s"]
-    peer_lines = "".join(f"{kind} / ours: {phases['total']['median_s'] / ours:.3f}×\n" for kind, phases in summary.items()
-                         if kind.endswith("Hessian step") and not kind.startswith("adahessian"))
-    text = (f"## One AdaHessian Hessian step, MiniLM ({n_params / 1e6:.1f}M parameters), batch 16, length 64, "
-            f"{args.threads} threads\n\nmedians over {args.repeats} interleaved rounds after {args.warmup} warm-up "
-            f"rounds\n\n{table}\n\nHessian step / AdamW step: "
-            f"{summary['adahessian Hessian step']['total']['median_s'] / adam_total:.2f}×; step without Hessian / "
-            f"AdamW step: {summary['adahessian step without Hessian']['total']['median_s'] / adam_total:.2f}×\n\n"
-            f"{peer_lines}\n"
-            f"### Top {args.top} operators by self CPU time (torch.profiler, median of {args.profile_steps} Hessian "
-            f"steps; the profiler slows each operator a little)\n\n{op_table}\n")
-    print("\n" + text)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text)
-    common.write_json(out / "results.json", {
-        "machine": common.machine_info(args.threads), "invocation": " ".join([sys.executable, *sys.argv]),
-        "parameters": n_params, "batch_size": 16, "max_seq_length": 64, "repeats": args.repeats,
-        "warmup": args.warmup, "measure_s": measure_s, "summary": summary, "rounds": rounds,
-        "profiler_phase_cpu_ms": ranges, "profiler_total_self_cpu_ms": total_self,
-        "profiler_step_timers": prof_records, "top_ops": top,
+
+def main() -> None:
+    p = profile_parser(__doc__)
+    p.add_argument("--repeats", type=int, help="measured rounds (default: 15; quick 1)")
+    p.add_argument("--warmup", type=int, help="rounds left out (default: 3; quick 0)")
+    p.add_argument("--profile_steps", type=int, help="Hessian steps under torch.profiler per estimator, median "
+                                                      "(default: 5; quick 1)")
+    p.add_argument("--top", type=int, default=15, help="operators listed (default: %(default)s)")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the peer packages' Hessian steps, interleaved (default: on)")
+    args = p.parse_args()
+    repeats = args.repeats if args.repeats is not None else 1 if args.quick else 15
+    warmup = args.warmup if args.warmup is not None else 0 if args.quick else 3
+    profile_steps = args.profile_steps if args.profile_steps is not None else 1 if args.quick else 5
+
+    batch = setup(args.threads, args.data_dir)
+    out = output_dir(args, "sst2", "profile")
+    kinds, n_params = step_kinds(batch, args.estimators, args.peers)
+    summary, rounds, measure_s = measure(kinds, warmup, repeats)
+    profiles = {e: top_operators(kinds[HESSIAN_STEP[e]], profile_steps, args.top) for e in args.estimators}
+
+    adam_total = summary["adamw step"]["total"]["median_s"]
+    rows = [[kind, phase, fmt(s["median_s"]), fmt(s["min_s"]), fmt(s["first_round_s"]), fmt(s["median_s"] / adam_total, ".2f")]
+            for kind, phases in summary.items() for phase, s in phases.items()]
+    table = markdown_table(["step", "phase", "median s", "min s", "cold (1st) s", "× AdamW step"], rows)
+    totals = {kind: phases["total"]["median_s"] for kind, phases in summary.items()}
+    ratio_lines = [f"{kind} / AdamW step: {totals[kind] / adam_total:.2f}×" for kind in totals if kind != "adamw step"]
+    ours = totals.get(HESSIAN_STEP["exact"])
+    if ours:
+        ratio_lines += [f"{s.name} Hessian step / ours (exact): {totals[f'{s.name} Hessian step'] / ours:.3f}×"
+                        for s in PEERS if f"{s.name} Hessian step" in totals]
+    sections = []
+    for estimator, prof in profiles.items():
+        op_table = markdown_table(
+            ["operator", "self CPU ms per Hessian step", "share", "calls"],
+            [[t["op"], fmt(t["self_cpu_ms"], ".1f"), fmt(t["self_cpu_ms"] / prof["total_self_cpu_ms"], ".1%"),
+              fmt(t["calls"], ".0f")] for t in prof["top_ops"]])
+        sections.append(f"### {estimator}: top {args.top} operators by self CPU time (torch.profiler, median of "
+                        f"{profile_steps} Hessian steps; the profiler slows each operator a little)\n\n{op_table}\n")
+    text = (f"## One AdaHessian Hessian step, MiniLM ({n_params / 1e6:.1f}M parameters), batch {BATCH_SIZE}, length "
+            f"{MAX_LENGTH}, {args.threads} threads\n\nmedians over {repeats} interleaved rounds after {warmup} warm-up "
+            f"rounds; AdaHessian {ADAHESSIAN}\n\n{table}\n\n" + "\n".join(ratio_lines) + "\n\n" + "\n".join(sections))
+    write_report(out, text, {
+        **provenance(args.threads, "benchmarks.profile_hessian_step"), "parameters": n_params,
+        "batch_size": BATCH_SIZE, "max_seq_length": MAX_LENGTH, "adahessian": ADAHESSIAN,
+        "estimators": args.estimators, "repeats": repeats, "warmup": warmup, "measure_s": measure_s,
+        "summary": summary, "rounds": rounds, "profiles": profiles,
     })
-    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""The parent's side of a comparison (or a learning-rate search): plan the runs, run each, compare, report.
+
+Runs go seed by seed (every optimizer at seed 42, then every one at 43, …), so that a
+run and the AdamW run it is compared with (same seed) are close in time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from . import report, stats
+from .options import parse_lr_grid, parse_lr_overrides, pick_optimizers
+from .runs import Run, fresh_run_dir, run_child, schedule_args
+from .specs import BASELINE, Budget, Experiment
+
+
+def kind(args) -> str:
+    """The results folder's kind: ``lr_search`` with ``--lr_grid``, else ``comparison``."""
+    return "lr_search" if args.lr_grid else "comparison"
+
+
+def plan(experiment: Experiment, args) -> list[Run]:
+    """Every chosen optimizer at its learning rate (or every (optimizer, lr) of the grid), for every seed."""
+    registry = experiment.optimizers
+    names = pick_optimizers(args.optimizers, list(registry))
+    lrs = {n: registry[n].lr for n in names}
+    lrs.update({k: v for k, v in parse_lr_overrides(args.lr).items() if k in lrs})
+    if args.lr_grid:
+        grids = parse_lr_grid(args.lr_grid, {n: s.grid for n, s in registry.items()}, names)
+        pairs = [(n, lr) for n, grid in grids.items() for lr in grid]
+    else:
+        pairs = [(n, lrs[n]) for n in names]
+    return [Run(registry[n], lr, seed, lr_in_name=bool(args.lr_grid)) for seed in args.seeds for n, lr in pairs]
+
+
+def complete(record: dict, budget: Budget, experiment: Experiment) -> None:
+    """A finished run's step-time statistics and final metric."""
+    record["steps"] = len(record["step_times"])
+    record["step_time"] = stats.step_time_stats(record, budget.warmup_skip, record["hessian_interval"])
+    record["metric"] = record.get("eval_metrics", {}).get(experiment.metric.key)
+    print(f"  done in {record['process_wall_s']:.0f}s: {record['step_time']['seconds_per_step']:.3f} s/step, "
+          f"peak RSS {record['peak_rss_train_mb']:.0f} MB, dev {experiment.metric.label} {record['metric']}",
+          flush=True)
+
+
+def compare_to_baseline(records: list[dict]) -> None:
+    """Each run against the baseline's run of the same seed: whether it saw the same batches, and its
+    ratios (only where that seed has one baseline run: a search may run the baseline at several lrs)."""
+    bases: dict[int, list[dict]] = {}
+    for r in records:
+        if r["optimizer"] == BASELINE and stats.ok(r):
+            bases.setdefault(r["seed"], []).append(r)
+    for r in records:
+        seed_bases = bases.get(r["seed"])
+        if not seed_bases or not stats.ok(r):
+            continue
+        fp, base_fp = r.get("fingerprints"), seed_bases[0].get("fingerprints")
+        r["same_batches_as_adamw"] = (fp == base_fp) if fp and base_fp else None
+        if len(seed_bases) == 1:
+            r["ratios"] = stats.ratios(r, seed_bases[0])
+
+
+def run_comparison(experiment: Experiment, args, budget: Budget, env: dict, out_dir: Path, module: str,
+                   extra_meta: dict | None = None) -> list[dict]:
+    """Run the plan, one child per run, then write table.md, results.json, loss.png (and quality.png)."""
+    runs = plan(experiment, args)
+    lr_search = bool(args.lr_grid)
+    runs_dir = out_dir / "runs"  # git-ignored: Trainer output folders, logs, the partial results
+    meta = {
+        "benchmark": experiment.title, "name": experiment.name, "kind": kind(args), "quick": args.quick,
+        "budget": dataclasses.asdict(budget), "seeds": args.seeds, "eval_every": args.eval_every,
+        "metric": dataclasses.asdict(experiment.metric), "script": experiment.script,
+        "optimizers": {r.spec.name: r.spec.to_json() for r in runs},
+        **report.provenance(args.threads, module), **(extra_meta or {}),
+    }
+    records = []
+    for run in runs:
+        run_dir = fresh_run_dir(runs_dir, run)
+        script_args = [*experiment.script_args,
+                       *schedule_args(budget, run.seed, run_dir, args.eval_every, sliced=args.quick)]
+        record = run_child(run, experiment.script, script_args, env, runs_dir, args.timeout)
+        if stats.ok(record):
+            complete(record, budget, experiment)
+        records.append(record)
+        report.write_json(runs_dir / "results.partial.json", {**meta, "runs": records})
+    compare_to_baseline(records)
+    summaries = stats.summarize(records, BASELINE)
+    heading = f"## {experiment.title}{' (quick)' if args.quick else ''}{' lr search' if lr_search else ''}"
+    seeds = ", ".join(map(str, args.seeds))
+    lines = [heading, "", f"{budget.max_steps} steps per run; seeds {seeds}; `{meta['invocation']}`", ""]
+    extra = {}
+    if lr_search:
+        best = stats.best_lr(summaries, experiment.metric)
+        lines += [report.lr_search_table(summaries, best, experiment.metric)]
+        extra["best_lr"] = best
+    else:
+        lines += [report.comparison_table(summaries, experiment.metric)]
+    if args.eval_every:
+        ttq = stats.time_to_quality(records, experiment.metric, BASELINE)
+        lines += ["", "### Time to quality", "", report.time_to_quality_table(ttq, experiment.metric, args.eval_every)]
+        extra["time_to_quality"] = ttq
+    lines += ["", "### Runs", "", report.runs_table(records, experiment.metric), ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(stats.group_key(r), []).append(r)
+    suffix = " (quick)" if args.quick else ""
+    report.plot_losses(groups, out_dir / "loss.png", f"{experiment.title}: training loss{suffix}")
+    if args.eval_every:
+        report.plot_quality(groups, lambda r: stats.quality_curve(r, experiment.metric), experiment.metric,
+                            out_dir / "quality.png", f"{experiment.title}: dev {experiment.metric.label}{suffix}")
+    report.write_report(out_dir, "\n".join(lines), {**meta, "summary": summaries, **extra, "runs": records})
+    (runs_dir / "results.partial.json").unlink(missing_ok=True)
+    return records

@@ -1,0 +1,233 @@
+"""Typed specs of what a benchmark runs: optimizers, metric, budgets, the experiment.
+
+An :class:`OptimizerSpec` spells out every knob of the optimizer it names, and its name
+says every knob that differs from :data:`NAME_REFERENCE` (the optimizer's defaults in
+hf_adahessian 0.2): the names are made from the knobs by :func:`adahessian` and
+:func:`adahessian_loop`, so they cannot drift apart. ``adahessian_h1_p05_b32`` is
+``hessian_interval=1,hessian_power=0.5,block_size=32``, the rest at the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+BASELINE = "adamw_torch"
+
+# The values a name leaves unsaid, and the suffix that says any other value.
+NAME_REFERENCE: dict[str, Any] = {
+    "hessian_power": 1.0,
+    "block_size": 1,
+    "hessian_batch_fraction": 1.0,
+    "n_samples": 1,
+    "eps": 1e-4,
+    "hessian_estimator": "exact",
+    "hessian_chunks": 1,
+}
+_SUFFIX = {
+    "hessian_power": lambda v: "p" + f"{v:g}".replace(".", ""),
+    "block_size": lambda v: f"b{v}",
+    "hessian_batch_fraction": lambda v: f"f{round(100 * v)}",
+    "n_samples": lambda v: f"n{v}",
+    "eps": lambda v: f"eps{v:g}",
+    "hessian_estimator": lambda v: {"finite_difference": "fd"}[v],
+    "hessian_chunks": lambda v: f"c{v}",
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The dev-set number a benchmark compares: the key in the script's eval metrics, how to show it."""
+
+    key: str  # e.g. "eval_accuracy"
+    label: str  # e.g. "accuracy"
+    higher_is_better: bool = True
+    format: str = ".4f"
+
+    def show(self, value: float | None, signed: bool = False) -> str:
+        if value is None:
+            return "–"
+        return format(value, ("+" if signed else "") + self.format)
+
+    def better_or_equal(self, value: float, target: float) -> bool:
+        return value >= target if self.higher_is_better else value <= target
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.higher_is_better else value < than
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Optimizer steps, training and dev examples (None: all), steps left out of the timing."""
+
+    max_steps: int
+    train_samples: int | None
+    eval_samples: int | None
+    warmup_skip: int
+
+
+@dataclass(frozen=True)
+class Budgets:
+    quick: Budget
+    full: Budget
+    search: Budget
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer of a benchmark.
+
+    ``path="trainer"``: the script's Trainer with ``--optim optim --optim_args optim_args``.
+    ``path="loop"``: the plain loop (``plain_loop.py``) with ``peer_class(params, lr=...,
+    **peer_kwargs)``; ``seed_kwarg`` names the keyword through which the run's ``--seed``
+    reaches it (as the Trainer passes ``args.seed`` to AdaHessian), None for none.
+    ``hessian_interval``: the steps that carry a Hessian (0, N, 2N, …), None for none.
+    """
+
+    name: str
+    lr: float
+    grid: tuple[float, ...]
+    path: Literal["trainer", "loop"]
+    hessian_interval: int | None
+    optim: str | None = None
+    optim_args: Mapping[str, Any] = field(default_factory=dict)
+    peer_class: str | None = None
+    peer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    seed_kwarg: str | None = None
+    note: str = ""
+
+    def __post_init__(self):
+        if self.path == "trainer" and (self.optim is None or self.peer_class is not None):
+            raise ValueError(f"{self.name}: a Trainer optimizer needs optim and no peer_class")
+        if self.path == "loop" and (self.peer_class is None or self.optim is not None or self.optim_args):
+            raise ValueError(f"{self.name}: a loop optimizer needs peer_class and no optim/optim_args")
+        own = {**self.optim_args, **self.peer_kwargs}
+        period = own.get("update_period", own.get("hessian_interval"))
+        if period is not None and period != self.hessian_interval:
+            raise ValueError(f"{self.name}: hessian_interval {self.hessian_interval} but the optimizer's is {period}")
+        object.__setattr__(self, "grid", tuple(self.grid))
+
+    def script_args(self) -> list[str]:
+        """The script's optimizer flags (a loop run still needs some --optim; the loop never uses it)."""
+        if self.path == "loop":
+            return ["--optim", "adamw_torch"]
+        args = ["--optim", self.optim]
+        if self.optim_args:
+            args += ["--optim_args", ",".join(f"{k}={_value(v)}" for k, v in self.optim_args.items())]
+        return args
+
+    def settings(self) -> str:
+        """The knobs in one line, for tables."""
+        if self.path == "loop":
+            return f"{self.peer_class} {json.dumps(dict(self.peer_kwargs))}"
+        return " ".join(self.script_args()[1:]) if self.optim_args else "–"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "OptimizerSpec":
+        return cls(**d)
+
+
+def _value(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A comparison's fixed parts: the script and its own arguments, the metric, the budgets.
+
+    ``script_args`` are the script's task arguments (model, data, lengths, batch sizes);
+    ``runs.schedule_args`` adds the budget, the seed and the output folder of each run.
+    """
+
+    name: str  # the results folder: benchmarks/results/<name>/
+    title: str
+    script: str  # repository-relative: run_glue.py
+    metric: Metric
+    budgets: Budgets
+    script_args: tuple[str, ...]
+    optimizers: Mapping[str, OptimizerSpec]
+    default_optimizers: tuple[str, ...]
+
+
+def registry(*specs: OptimizerSpec) -> dict[str, OptimizerSpec]:
+    names = [s.name for s in specs]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ValueError(f"optimizer names used twice: {sorted(duplicates)}")
+    return {s.name: s for s in specs}
+
+
+# ----------------------------------------------------------------------------- constructors
+
+
+def _knobs(**given) -> dict[str, Any]:
+    return {**NAME_REFERENCE, **given}
+
+
+def _suffixes(knobs: Mapping[str, Any]) -> str:
+    return "".join(f"_{_SUFFIX[k](v)}" for k, v in knobs.items() if k in _SUFFIX and v != NAME_REFERENCE[k])
+
+
+def adamw(lr: float, grid) -> OptimizerSpec:
+    return OptimizerSpec(BASELINE, lr, grid, "trainer", None, optim="adamw_torch")
+
+
+def adahessian(interval: int, lr: float, grid, note: str = "", **knobs) -> OptimizerSpec:
+    """``--optim adahessian`` with every knob explicit; the name says the ones off the reference."""
+    unknown = set(knobs) - set(NAME_REFERENCE)
+    if unknown:
+        raise ValueError(f"unknown AdaHessian knobs {sorted(unknown)}")
+    all_knobs = _knobs(**knobs)
+    name = f"adahessian_h{interval}" + _suffixes(all_knobs)
+    return OptimizerSpec(name, lr, grid, "trainer", interval, optim="adahessian",
+                         optim_args={"hessian_interval": interval, **all_knobs}, note=note)
+
+
+def adahessian_loop(interval: int, lr: float, grid, note: str = "", **knobs) -> OptimizerSpec:
+    """This package's AdaHessian in the plain loop (standalone ``backward(create_graph=True)`` path)."""
+    trainer_only = {"hessian_batch_fraction", "hessian_chunks"}
+    if set(knobs) & trainer_only:
+        raise ValueError(f"{sorted(set(knobs) & trainer_only)} belong to the Trainer path")
+    all_knobs = {k: v for k, v in _knobs(**knobs).items() if k not in trainer_only}
+    name = f"adahessian_loop_h{interval}" + _suffixes(all_knobs)
+    return OptimizerSpec(name, lr, grid, "loop", interval, peer_class="hf_adahessian.AdaHessian",
+                         peer_kwargs={"hessian_interval": interval, **all_knobs}, seed_kwarg="seed", note=note)
+
+
+def peer(name: str, peer_class: str, interval: int, lr: float, grid, note: str = "", **kwargs) -> OptimizerSpec:
+    """Another package's optimizer in the plain loop; ``kwargs`` spell out its Hessian knobs."""
+    return OptimizerSpec(name, lr, grid, "loop", interval, peer_class=peer_class, peer_kwargs=kwargs, note=note)
+
+
+# The peers at their packages' own defaults, written out (torch-optimizer 0.3, pytorch-optimizer 4.1).
+def torch_optimizer_adahessian(lr: float, grid) -> OptimizerSpec:
+    # A Hessian on every step(); no interval option.
+    return peer("torch_optimizer_adahessian", "torch_optimizer.Adahessian", 1, lr, grid,
+                hessian_power=0.5, eps=1e-4)
+
+
+def pytorch_optimizer_adahessian(lr: float, grid) -> OptimizerSpec:
+    return peer("pytorch_optimizer_adahessian", "pytorch_optimizer.AdaHessian", 1, lr, grid,
+                update_period=1, hessian_power=1.0, num_samples=1, hessian_distribution="rademacher", eps=1e-16)
+
+
+def sophiah(interval: int, lr: float, grid) -> OptimizerSpec:
+    # update_period=10 is SophiaH's own default; 1 is AdaHessian's frequency.
+    return peer(f"sophiah_h{interval}", "pytorch_optimizer.SophiaH", interval, lr, grid,
+                update_period=interval, p=0.01, num_samples=1, hessian_distribution="gaussian", eps=1e-12)
+
+
+def build_loop_optimizer(spec: OptimizerSpec, params, lr: float, seed: int):
+    """The loop path's optimizer: ``peer_class(params, lr=lr, **peer_kwargs)`` (plus the run's seed)."""
+    module, _, name = spec.peer_class.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    kwargs = dict(spec.peer_kwargs)
+    if spec.seed_kwarg:
+        kwargs[spec.seed_kwarg] = seed
+    return cls(params, lr=lr, **kwargs)

@@ -1,0 +1,165 @@
+"""One optimizer step of each kind, phase by phase, built from the package's own pieces.
+
+The phases are what ``AdaHessianTrainer`` runs on a Hessian step (``hessian_pass.micro_batch``),
+cut where the profiles need a timer or a ``torch.profiler`` range; every piece is the
+library's, so a change to the trainer's path changes what is measured here:
+
+* ``hessian_pass.double_backward_ready(model)`` around the exact estimator's forward
+  and double backward (DDP no_sync, attention with a double backward, SDPA's math kernel);
+* ``optimizer.estimate()`` and ``est.accumulate(grads=...)``, with the gradient built
+  first by ``torch.autograd.grad(..., create_graph=True)`` so that the gradient-with-graph
+  and the Hessian-vector product are timed apart (``est.accumulate(loss)`` does both);
+* for finite differences, ``estimators.fd_epsilon``, ``estimators.perturbed`` (θ + εz and
+  back), ``estimators.add_perturbed_gradients``, the plain pass at θ and ``est.finish_()``,
+  in the order of ``hessian_pass._finite_difference``;
+* for ``hessian_batch_fraction``, ``hessian_pass.split_batch`` cuts the head of the batch.
+
+A step function takes ``phase``: a function of a phase name that returns a context
+manager (a :class:`PhaseTimer`, ``torch.profiler.record_function``, or both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable, ContextManager
+
+import torch
+from torch.profiler import record_function
+
+from hf_adahessian.estimators import add_perturbed_gradients, fd_epsilon, perturbed, rng_devices
+from hf_adahessian.hessian_pass import double_backward_ready, no_sync, split_batch
+
+Phase = Callable[[str], ContextManager]
+MAX_GRAD_NORM = 1.0  # the Trainer's default clipping
+
+
+def no_phase(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of one step (summed when a phase repeats); with
+    ``ranges=True`` each phase is also a ``torch.profiler.record_function`` range."""
+
+    def __init__(self, ranges: bool = False):
+        self.seconds: dict[str, float] = {}
+        self.ranges = ranges
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        with record_function(name) if self.ranges else contextlib.nullcontext():
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def finish_step(optimizer, params, phase: Phase, update: str = "update", max_grad_norm: float = MAX_GRAD_NORM):
+    """Clipping, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, as the Trainer does."""
+    if max_grad_norm and max_grad_norm > 0:
+        with phase("clip"):
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    with phase(update):
+        optimizer.step()
+    with phase("zero_grad"):
+        optimizer.zero_grad(set_to_none=True)
+
+
+def backward_step(model, batch: dict, optimizer, params, phase: Phase = no_phase, create_graph: bool = False,
+                  max_grad_norm: float = MAX_GRAD_NORM):
+    """forward, backward, clip, ``step()``, zero_grad; returns the loss.
+
+    AdamW's step, AdaHessian's between two estimates, and with ``create_graph`` the peers'
+    Hessian steps: ``backward(create_graph=True)`` under ``double_backward_ready``, then their
+    ``step()`` draws the probes and makes Hz.
+    """
+    with double_backward_ready(model) if create_graph else contextlib.nullcontext():
+        with phase("forward"):
+            loss = model(**batch).loss
+        with phase("backward (graph)" if create_graph else "backward"):
+            loss.backward(create_graph=create_graph)
+    loss = loss.detach()
+    finish_step(optimizer, params, phase, "update (with Hessian)" if create_graph else "update", max_grad_norm)
+    return loss
+
+
+def _exact_pass(model, rows: dict, estimate, phase: Phase, add_grad: bool, forward: str = "forward"):
+    """The exact estimator on ``rows``: forward, gradient with its graph, Hessian-vector product."""
+    with double_backward_ready(model):
+        with phase(forward):
+            loss = model(**rows).loss
+        with phase("grad (graph)"):
+            grads = torch.autograd.grad(loss, estimate.params, create_graph=True, allow_unused=True)
+        with phase("Hessian-vector"):
+            estimate.accumulate(grads=grads, add_grad=add_grad)
+    value = loss.detach()
+    del loss, grads  # the double-backward graph is gone before the update
+    return value
+
+
+def exact_hessian_step(model, batch: dict, optimizer, phase: Phase = no_phase):
+    """AdaHessian's exact Hessian step on the whole batch (``hessian_batch_fraction=1``)."""
+    estimate = optimizer.estimate()
+    loss = _exact_pass(model, batch, estimate, phase, add_grad=True)
+    params = estimate.params
+    del estimate  # from here only the optimizer holds it, until step() consumes it (as in the Trainer)
+    finish_step(optimizer, params, phase)
+    return loss
+
+
+def count_labels(rows: dict) -> float:
+    """What the Trainer counts for ``num_items_in_batch`` on a classification batch: labels not ignored."""
+    return float(rows["labels"].ne(-100).sum())
+
+
+def sub_batch_hessian_step(model, batch: dict, optimizer, fraction: float, phase: Phase = no_phase):
+    """``hessian_batch_fraction``: the Hessian alone on the head of the batch, then the gradient on all of it."""
+    estimate = optimizer.estimate()
+    rows = batch["labels"].shape[0]
+    ((head, _share),) = split_batch(batch, [max(1, math.ceil(fraction * rows))], count_labels)
+    _exact_pass(model, head, estimate, phase, add_grad=False, forward="Hessian forward")
+    with phase("forward"):
+        loss = model(**batch).loss
+    with phase("backward"):
+        loss.backward()
+    params = estimate.params
+    del estimate
+    finish_step(optimizer, params, phase)
+    return loss.detach()
+
+
+def finite_difference_hessian_step(model, batch: dict, optimizer, phase: Phase = no_phase):
+    """AdaHessian's finite-difference Hessian step: the pass at θ + εz, then the plain pass at θ.
+
+    As ``hessian_pass._finite_difference``: the perturbed pass first, its gradients folded into
+    the estimate as z ⊙ g(θ + εz), θ restored bit for bit, and the RNG forked so that the pass
+    at θ draws the same dropout masks; then the ordinary forward and backward, and
+    ``finish_()`` makes z ⊙ (g(θ + εz) − g(θ)) / ε.
+    """
+    estimate = optimizer.estimate()
+    params = estimate.params
+    eps = fd_epsilon(params, optimizer.relative_fd_step())
+    with torch.random.fork_rng(devices=rng_devices(params)), no_sync(model), contextlib.ExitStack() as at_theta:
+        with phase("perturb θ+εz"):
+            at_theta.enter_context(perturbed(estimate, eps))
+        with phase("forward (θ+εz)"):
+            loss = model(**batch).loss
+        with phase("grad (θ+εz)"):
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with phase("z ⊙ g(θ+εz)"):
+            add_perturbed_gradients(estimate, grads, eps)
+        del loss, grads
+        with phase("restore θ"):
+            at_theta.close()
+    with phase("forward"):
+        loss = model(**batch).loss
+    with phase("backward"):
+        loss.backward()
+    with phase("difference"):
+        estimate.finish_()
+    del estimate
+    finish_step(optimizer, params, phase)
+    return loss.detach()
