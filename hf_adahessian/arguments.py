@@ -28,6 +28,7 @@ from transformers.utils import ExplicitEnum
 
 from .optimizer import AdaHessian
 from .validation import (
+    AdaHessianUsageError,
     HyperparameterError,
     check,
     check_group_hyperparameters,
@@ -88,7 +89,7 @@ class AdaHessianSettings:
 # ----------------------------------------------------------------------------- parsing
 
 
-class SettingsError(ValueError):
+class SettingsError(AdaHessianUsageError):
     """A bad ``--optim_args`` or Trainer flag for AdaHessian: the message names it, the value and what is accepted."""
 
 
@@ -168,7 +169,7 @@ def validate(settings: AdaHessianSettings, args: TrainingArguments) -> None:
         check_group_hyperparameters(args.learning_rate, (args.adam_beta1, args.adam_beta2), kw["eps"],
                                     args.weight_decay, kw["hessian_power"], kw["block_size"])
         check_optimizer_hyperparameters(kw["hessian_interval"], kw["n_samples"], kw["hessian_estimator"],
-                                        kw["fd_step"])
+                                        kw["fd_scheme"], kw["fd_step"])
         fraction = settings.hessian_batch_fraction
         check("hessian_batch_fraction", 0.0 < fraction <= 1.0, fraction, "a number in (0, 1]")
         check_int("hessian_chunks", settings.hessian_chunks)
@@ -259,7 +260,7 @@ class _AdaHessianArgumentsMixin:
         if self.torch_compile and exact:
             unsupported.append("--torch_compile")
         if unsupported:
-            raise ValueError(
+            raise SettingsError(
                 f"--optim adahessian does not support {' and '.join(unsupported)} with "
                 f"hessian_estimator={settings.optimizer_kwargs['hessian_estimator']}: the exact estimator's double "
                 "backward needs full, uncompiled parameters on each process. Use "
@@ -269,7 +270,7 @@ class _AdaHessianArgumentsMixin:
         for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
             kwargs = getattr(self, name, None)
             if exact and isinstance(kwargs, dict) and kwargs.get("use_reentrant"):
-                raise ValueError(
+                raise SettingsError(
                     f"--optim adahessian cannot run with {name}={{'use_reentrant': true}} and the exact estimator: "
                     "reentrant checkpointing has no double backward. Drop use_reentrant (non-reentrant is the "
                     "default), or use --optim_args hessian_estimator=finite_difference."

@@ -94,9 +94,9 @@ class HessianEstimate:
         # Whether an estimator put gradients into .grad outside DDP's reducer: then the
         # all-reduce must average those too.
         self.made_gradients = False
-        # Finite differences: the sums hold z ⊙ Σ g(θ + εz) until the gradient at θ is
-        # known; finish_() turns them into z ⊙ (Σ g(θ + εz) − Σ g(θ)) / ε.
-        self.pending_difference: float | None = None
+        # Finite differences: (ε, loss scale, scheme) while the sums hold z ⊙ Σ g(θ + εz)
+        # (and, central, − z ⊙ Σ g(θ − εz)); finish_() turns them into the difference quotient.
+        self.difference: tuple[float, float, str] | None = None
         self.micro_batches = 0
         self.reduced = False
 
@@ -153,28 +153,27 @@ class HessianEstimate:
         self.reduced = True
 
     def finish_(self) -> None:
-        """For finite differences: subtract the gradient at θ, now that ``.grad`` holds all of it.
+        """For finite differences: complete the difference, before anything changes ``.grad``.
 
-        Called after the last micro-batch (and after the reduce), before anything
-        (clipping, unscaling) changes ``.grad``.
+        Forward differences need the gradient at θ, so this is called after the last
+        micro-batch (and after the reduce), before clipping or unscaling touch ``.grad``.
         """
-        eps = self.pending_difference
-        if eps is None:
+        if self.difference is None:
             return
-        scale = self._fd_scale
+        eps, scale, scheme = self.difference
         for i, p in enumerate(self.params):
             acc = self.sums[i]
-            g = p.grad
+            g = p.grad if scheme == "forward" else None
             if acc is None and g is None:
                 continue
             if acc is None:
                 acc = self.sums[i] = torch.zeros_like(p, dtype=estimate_dtype(p))
             if g is not None:
                 acc.sub_(self.probe(i, 0, acc.dtype).mul_(g.to(acc.dtype)), alpha=1.0 / scale)
-            acc.div_(eps)
-        self.pending_difference = None
+            acc.div_(eps if scheme == "forward" else 2 * eps)
+        self.difference = None
 
-    def _set_difference(self, eps: float, scale: float) -> None:
-        if self.pending_difference is not None and (self.pending_difference, self._fd_scale) != (eps, scale):
-            raise RuntimeError("finite-difference micro-batches of one step must share the step and the loss scale")
-        self.pending_difference, self._fd_scale = eps, scale
+    def _set_difference(self, eps: float, scale: float, scheme: str) -> None:
+        if self.difference is not None and self.difference != (eps, scale, scheme):
+            raise RuntimeError("finite-difference micro-batches of one step must share ε, the loss scale and the scheme")
+        self.difference = (eps, scale, scheme)

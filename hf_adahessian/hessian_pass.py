@@ -186,6 +186,7 @@ def micro_batch(
     accelerator,
     estimator: str,
     relative_fd_step: float,
+    fd_scheme: str = "forward",
     batch_fraction: float = 1.0,
     chunks: int = 1,
     count_items: Callable[[dict], float],
@@ -201,7 +202,7 @@ def micro_batch(
     """
     if estimator == "finite_difference":
         loss = _finite_difference(model, inputs, num_items_in_batch, estimate, stock_step, accelerator,
-                                  relative_fd_step)
+                                  relative_fd_step, fd_scheme)
     elif batch_fraction < 1.0:
         loss = _exact_sub_batch(model, inputs, num_items_in_batch, estimate, stock_step, accelerator,
                                 batch_fraction, count_items)
@@ -259,24 +260,29 @@ def _exact_sub_batch(model, inputs, num_items, estimate, stock_step, accelerator
     return plain(stock_step(model, inputs, num_items))
 
 
-def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerator, relative_step):
-    """The same micro-batch at θ + εz, then the Trainer's own step at θ with the same dropout masks.
+def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerator, relative_step, scheme):
+    """The same micro-batch at θ + εz (and θ − εz, central), then the Trainer's own step at θ, same dropout masks.
 
-    The perturbed pass goes first: its gradients are folded into the estimate as
+    The perturbed passes go first: their gradients are folded into the estimate as
     they are made and θ is restored before the real step's gradient exists, so the
     saved parameters and the step's gradient are never alive at once.
     """
-    if estimate.pending_difference is None:
-        eps = fd_epsilon(estimate.params, relative_step)
-    else:
-        eps = estimate.pending_difference
     params = estimate.params
+    eps = fd_epsilon(params, relative_step) if estimate.difference is None else estimate.difference[0]
+    for sign in ((1, -1) if scheme == "central" else (1,)):
+        def sink(loss: torch.Tensor, sign=sign) -> None:
+            # A plain backward into .grad (reentrant checkpointing refuses autograd.grad), with the
+            # gradients of earlier micro-batches set aside meanwhile.
+            kept = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            loss.backward()
+            grads = [p.grad for p in params]
+            for p, g in zip(params, kept):
+                p.grad = g
+            add_perturbed_gradients(estimate, grads, eps, scale=amp_scale(accelerator), scheme=scheme, sign=sign)
 
-    def sink(loss: torch.Tensor) -> None:
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        add_perturbed_gradients(estimate, grads, eps, scale=amp_scale(accelerator))
-
-    with torch.random.fork_rng(devices=rng_devices(params)), no_sync(model), perturbed(estimate, eps), \
-            capture_backward(sink):
-        stock_step(model, inputs, num_items)
+        with torch.random.fork_rng(devices=rng_devices(params)), no_sync(model), perturbed(estimate, sign * eps), \
+                capture_backward(sink):
+            stock_step(model, inputs, num_items)
     return plain(stock_step(model, inputs, num_items))

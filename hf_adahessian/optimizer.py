@@ -37,7 +37,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from .estimate import HessianEstimate, block_average_, observed_rows
-from .estimators import DEFAULT_FD_STEP, closure_difference
+from .estimators import FD_STEP, closure_difference
 from .validation import HyperparameterError, check_group_hyperparameters, check_optimizer_hyperparameters
 
 __all__ = ["AdaHessian", "HessianStats", "adahessian"]
@@ -57,6 +57,7 @@ NO_GRAPH_MESSAGE = (
 # finite ones, as torch's GradScaler does for the gradient: at the GradScaler's default
 # 2^16 the Hessian-vector product of a BERT overflows fp16 where no gradient does.
 HESSIAN_SCALE_INIT = 2.0**10
+HESSIAN_SCALE_BACKOFF = 0.5
 HESSIAN_SCALE_GROWTH_INTERVAL = 200
 
 
@@ -95,8 +96,10 @@ class AdaHessian(Optimizer):
         average_conv_kernel: average |D| of 4-D conv kernels over their spatial dims.
         hessian_estimator: ``"exact"`` (the paper's double backward) or
             ``"finite_difference"`` (two ordinary gradient passes; see ``estimators.py``).
+        fd_scheme: ``"forward"`` differences (one extra gradient pass) or ``"central"``
+            (two; more accurate where the forward runs in bf16).
         fd_step: the finite-difference perturbation ε·z as a share of ‖θ‖; None picks
-            it by the parameters' dtype (1e-3 for fp32).
+            it by scheme and compute dtype (``estimators.FD_STEP``: 1e-3 for fp32 forward).
         seed: seed of the probes, which are drawn from (seed, step, parameter) and never
             from the global RNG. ``None`` takes ``torch.initial_seed()``.
         foreach: use the ``torch._foreach_*`` kernels; ``None`` picks them on GPUs.
@@ -115,13 +118,14 @@ class AdaHessian(Optimizer):
         block_size: int = 1,
         average_conv_kernel: bool = True,
         hessian_estimator: Literal["exact", "finite_difference"] = "exact",
+        fd_scheme: Literal["forward", "central"] = "forward",
         fd_step: float | None = None,
         seed: int | None = None,
         foreach: bool | None = None,
     ):
         try:
             check_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, block_size)
-            check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_step)
+            check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step)
         except HyperparameterError as err:
             raise ValueError(f"AdaHessian: {err}") from None
         defaults = dict(
@@ -132,9 +136,11 @@ class AdaHessian(Optimizer):
         self.hessian_interval = hessian_interval
         self.n_samples = n_samples
         self.hessian_estimator = hessian_estimator
+        self.fd_scheme = fd_scheme
         self.fd_step = fd_step
         self.seed = torch.initial_seed() if seed is None else int(seed)
         self.stats = HessianStats()
+        # The second backward's own loss scale (only used under an AMP loss scale).
         self.hessian_scale = HESSIAN_SCALE_INIT
         self._finite_scaled_estimates = 0
         self._estimate: HessianEstimate | None = None
@@ -185,12 +191,15 @@ class AdaHessian(Optimizer):
                                                    self.n_samples, key=key, hessian_scale=self.hessian_scale)
         return est
 
-    def relative_fd_step(self) -> float:
+    def relative_fd_step(self, compute_dtype: torch.dtype | None = None) -> float:
+        """ε·‖z‖ / ‖θ‖ for finite differences: ``fd_step``, or the rule for the dtype the forward computes in
+        (``compute_dtype``: the autocast dtype under mixed precision; default the parameters')."""
         if self.fd_step is not None:
             return self.fd_step
-        params = self.trainable_params()
-        dtype = params[0].dtype if params else torch.float32
-        return DEFAULT_FD_STEP.get(dtype, 1e-3)
+        if compute_dtype is None:
+            params = self.trainable_params()
+            compute_dtype = params[0].dtype if params else torch.float32
+        return FD_STEP[self.fd_scheme].get(compute_dtype, FD_STEP[self.fd_scheme][torch.float32])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -211,13 +220,17 @@ class AdaHessian(Optimizer):
     def step(self, closure: Callable[[], float] | None = None):
         hessian_step = self.is_hessian_step()
         loss = None
+        estimate, self._estimate = self._estimate, None
         if closure is not None:
             if hessian_step and self.hessian_estimator == "finite_difference":
-                loss = closure_difference(self.estimate(), closure, self.relative_fd_step())
+                # Its own estimate: the closure's zero_grad() would drop one held by the optimizer.
+                estimate = HessianEstimate(self.trainable_params(), self.seed, self.stats.step, self.n_samples)
+                loss = closure_difference(estimate, closure, self.relative_fd_step(), self.fd_scheme)
             else:
                 with torch.enable_grad():
                     loss = closure()
-        estimate, self._estimate = self._estimate, None
+                if self._estimate is not None:  # the closure fed a fresh estimate itself
+                    estimate, self._estimate = self._estimate, None
         if not hessian_step:
             estimate = None
         elif estimate is None:
@@ -285,7 +298,7 @@ class AdaHessian(Optimizer):
         if not math.isfinite(total):
             self.stats.skipped_hessian_updates += 1
             if scaled:
-                self.hessian_scale /= 2
+                self.hessian_scale *= HESSIAN_SCALE_BACKOFF
                 self._finite_scaled_estimates = 0
             return {}
         if scaled:

@@ -20,7 +20,9 @@ Clipping, the loss scaler, the scheduler, checkpoints and logging stay the Train
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -31,10 +33,15 @@ from . import hessian_pass
 from .arguments import is_adahessian, settings_of
 from .estimators import rng_devices
 from .optimizer import AdaHessian
+from .validation import AdaHessianUsageError
 
-__all__ = ["AdaHessianTrainerMixin", "AdaHessianTrainer", "AdaHessianSeq2SeqTrainer"]
+__all__ = ["AdaHessianTrainerMixin", "AdaHessianTrainer", "AdaHessianSeq2SeqTrainer", "check_model",
+           "check_resumable"]
 
 logger = logging.getLogger(__name__)
+
+# What the forward computes in under accelerate's mixed precision (finite differences pick ε by it).
+_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class AdaHessianTrainerMixin:
@@ -42,6 +49,16 @@ class AdaHessianTrainerMixin:
 
     _loss_normalisation_checked = False
     hessian_seconds = 0.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if is_adahessian(self.args) and self.model is not None:
+            check_model(self.model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is not None:
+            check_resumable(checkpoint, adahessian=self.adahessian is not None)
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     @classmethod
     def get_optimizer_cls_and_kwargs(cls, args, model=None) -> tuple[Any, dict[str, Any]]:
@@ -80,7 +97,8 @@ class AdaHessianTrainerMixin:
             # loss scaler skipped leaves nothing behind, since global_step moved on.
             estimate=optimizer.estimate(key=self.state.global_step),
             stock_step=super().training_step, accelerator=self.accelerator,
-            estimator=optimizer.hessian_estimator, relative_fd_step=optimizer.relative_fd_step(),
+            estimator=optimizer.hessian_estimator, fd_scheme=optimizer.fd_scheme,
+            relative_fd_step=optimizer.relative_fd_step(_COMPUTE_DTYPES.get(self.accelerator.mixed_precision)),
             batch_fraction=settings.hessian_batch_fraction, chunks=settings.hessian_chunks,
             count_items=self._count_items, last=self.accelerator.sync_gradients,
         )
@@ -123,10 +141,11 @@ class AdaHessianTrainerMixin:
         losses = []
         was_training = model.training
         model.train()
-        # Under the Hessian forward's attention (no new kernel gets compiled for this), with the
-        # RNG put back afterwards, so the run is the one it would have been.
+        # Under the attention the Hessian forwards use (no kernel gets compiled for this alone), with
+        # the RNG put back afterwards, so the run is the one it would have been.
+        exact = self.adahessian is not None and self.adahessian.hessian_estimator == "exact"
         with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(list(model.parameters()))), \
-                hessian_pass.double_backward_ready(model):
+                hessian_pass.double_backward_ready(model) if exact else contextlib.nullcontext():
             state = torch.get_rng_state()
             for items in (num_items_in_batch, num_items_in_batch * 2):
                 torch.set_rng_state(state)
@@ -162,6 +181,49 @@ class AdaHessianTrainerMixin:
                 self.hessian_seconds, 100 * self.hessian_seconds / max(logs["train_runtime"], 1e-9),
             )
         super().log(logs, *args, **kwargs)
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """What AdaHessian cannot train, said before training starts (one line each)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise AdaHessianUsageError(
+            "--optim adahessian: the model has no trainable parameters (requires_grad is False everywhere); "
+            "unfreeze some, or add adapters (PEFT) before building the trainer."
+        )
+    sparse = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
+    if sparse:
+        raise AdaHessianUsageError(
+            f"--optim adahessian: {sparse[0]} is nn.Embedding(sparse=True); AdaHessian needs dense gradients "
+            "(a Hessian-vector product through a sparse gradient is not defined): build it with sparse=False."
+        )
+    if any(p.dtype == torch.float16 for p in params):
+        raise AdaHessianUsageError(
+            "--optim adahessian: the model's weights are float16 (model.half()); Hessian-vector products overflow "
+            "fp16 weights and every estimate would be skipped. Keep the weights in fp32 and pass --fp16 (mixed "
+            "precision with a loss scaler), or use --bf16 / bfloat16 weights."
+        )
+
+
+def check_resumable(checkpoint: str, adahessian: bool) -> None:
+    """Refuse, in one line, to resume an optimizer state saved by the other kind of optimizer."""
+    path = os.path.join(checkpoint, "optimizer.pt")
+    if not os.path.isfile(path):
+        return
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a corrupt file: the Trainer's own load gives torch's message
+        return
+    saved_adahessian = isinstance(saved, dict) and "adahessian" in saved
+    if saved_adahessian == adahessian:
+        return
+    this = "--optim adahessian" if adahessian else "an optimizer other than adahessian"
+    other = "AdaHessian" if saved_adahessian else "another optimizer (no AdaHessian state)"
+    raise AdaHessianUsageError(
+        f"resume from {checkpoint}: its optimizer.pt was saved by {other}, and this run uses {this}. Resume with "
+        "the --optim that saved it, or start afresh from its weights (--model_name_or_path "
+        f"{checkpoint} with a new --output_dir, or --overwrite_output_dir)."
+    )
 
 
 class AdaHessianTrainer(AdaHessianTrainerMixin, Trainer):

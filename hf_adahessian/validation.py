@@ -12,12 +12,21 @@ import math
 from typing import Any
 
 __all__ = [
+    "AdaHessianUsageError",
     "HyperparameterError",
     "check",
     "check_int",
     "check_group_hyperparameters",
     "check_optimizer_hyperparameters",
 ]
+
+
+class AdaHessianUsageError(ValueError):
+    """Input AdaHessian cannot train with (arguments, model, checkpoint), found before training.
+
+    The message is one line that names what is wrong and what to do; the example
+    scripts print it as ``error: ...`` and exit with status 2.
+    """
 
 
 class HyperparameterError(ValueError):
@@ -60,11 +69,15 @@ def check_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, blo
 ESTIMATORS = ("exact", "finite_difference")
 
 
-def check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_step) -> None:
+FD_SCHEMES = ("forward", "central")
+
+
+def check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step) -> None:
     """What belongs to the optimizer as a whole."""
     check_int("hessian_interval", hessian_interval)
     check_int("n_samples", n_samples)
     check("hessian_estimator", hessian_estimator in ESTIMATORS, hessian_estimator,
           " or ".join(repr(e) for e in ESTIMATORS))
+    check("fd_scheme", fd_scheme in FD_SCHEMES, fd_scheme, " or ".join(repr(e) for e in FD_SCHEMES))
     check("fd_step", fd_step is None or (_is_number(fd_step) and 0 < fd_step < 1), fd_step,
           "a number in (0, 1): the perturbation relative to the parameters' norm (None: by dtype)")

@@ -691,3 +691,136 @@ def test_bad_per_group_override_raises_value_error_naming_it_and_its_range(name,
               {"params": [torch.zeros(3, requires_grad=True)], name: value}]
     with pytest.raises(ValueError, match=rf"\b{name}=.*{re.escape(valid_range)}"):
         AdaHessian(groups, lr=0.1)
+
+
+# =====================================================================================
+# Non-finite gradients
+# =====================================================================================
+@pytest.mark.parametrize("hessian_step", [True, False], ids=["hessian-step", "lazy-step"])
+def test_a_non_finite_gradient_skips_the_step_and_leaves_everything_as_it_was(hessian_step):
+    """A bad batch (an inf in one gradient) must not turn the parameters into NaN for good: nothing
+    moves, no state changes, the skip is counted, and the next step is the same step again."""
+    model = tiny_mlp(0)
+    opt = AdaHessian(model.parameters(), lr=0.05, hessian_interval=1 if hessian_step else 2, seed=0)
+    _train(model, opt, 1 if hessian_step else 1)
+    if not hessian_step:
+        assert not opt.is_hessian_step()
+    params, counters = clone_params(model), dict(opt.counters)
+    state = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()} for p in model.parameters()]
+    opt.zero_grad()
+    x, y = regression_batch(1)
+    _backward_for(opt, mse(model, x, y))
+    next(model.parameters()).grad[0, 0] = float("inf")
+    opt.step()
+
+    assert_all_equal(clone_params(model), params, "parameter")
+    assert opt.counters == {**counters, "skipped_steps": 1}
+    for p, before in zip(model.parameters(), state):
+        for key, value in before.items():
+            assert (torch.equal(opt.state[p][key], value) if torch.is_tensor(value) else opt.state[p][key] == value)
+    assert opt.is_hessian_step() == hessian_step  # the same step, again
+
+
+# =====================================================================================
+# Coverage: a coordinate's curvature is what was observed for it
+# =====================================================================================
+class _Bag(torch.nn.Module):
+    """An embedding bag into a nonlinear head: the rows of the tokens in a batch are the only ones it sees."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Parameter(torch.randn(6, 3, generator=gen) * 0.5)
+        self.head = torch.nn.Parameter(torch.randn(3, generator=gen))
+
+    def forward(self, tokens, target):
+        h = torch.tanh(self.emb[tokens].sum(0) * self.head)
+        return ((h.sum() - target) ** 2).sum()
+
+
+def _bag_step(model, opt, tokens, target=1.0):
+    opt.zero_grad()
+    _backward_for(opt, model(torch.tensor(tokens), target))
+    opt.step()
+
+
+def test_rows_the_estimate_did_not_observe_keep_their_v_and_their_own_bias_correction():
+    """Step 1 sees rows 0 and 1, step 2 rows 1 and 2: row 0's v is step 1's (not decayed by β2 on
+    a step that did not see it), row 2's v is its first estimate, and each row is bias-corrected by
+    its own count of observations (row 1 twice, rows 0 and 2 once)."""
+    model = _Bag()
+    opt = AdaHessian(model.parameters(), lr=0.01, betas=(0.9, 0.9), seed=0)
+    _bag_step(model, opt, [0, 1])
+    v1 = opt.state[model.emb]["exp_hessian_diag_sq"].clone()
+    assert v1[0].gt(0).all() and v1[2:].eq(0).all()
+    _bag_step(model, opt, [1, 2])
+    v2 = opt.state[model.emb]["exp_hessian_diag_sq"]
+    assert torch.equal(v2[0], v1[0])
+    assert v2[2].gt(0).all() and v2[3:].eq(0).all()
+    assert opt.state[model.emb]["row_hessian_steps"].tolist() == [1, 2, 1, 0, 0, 0]
+    assert opt.state[model.emb]["hessian_step"] == 2
+
+
+def test_a_row_never_observed_is_divided_by_the_mean_curvature_of_the_rows_seen_not_by_eps():
+    """With hessian_interval=2, token 3 first appears on a lazy step: the paper's rule would step it by
+    lr·m̂/eps (300x the gradient at lr 0.03); it takes lr·m̂/(√mean v̂ + eps) with the mean over the rows
+    the estimate saw, and rows it never saw in a batch do not move at all."""
+    model = _Bag()
+    lr = 0.03
+    opt = AdaHessian(model.parameters(), lr=lr, hessian_interval=2, seed=0)
+    _bag_step(model, opt, [0, 1])          # Hessian step: rows 0 and 1 observed
+    before = model.emb.detach().clone()
+    _bag_step(model, opt, [1, 3])          # lazy step: row 3 has a gradient, no curvature yet
+    state = opt.state[model.emb]
+    beta1, beta2 = opt.defaults["betas"]
+    v_hat = state["exp_hessian_diag_sq"][:2] / (1 - beta2)
+    expected = -lr * (state["exp_avg"][3] / (1 - beta1**2)) / (v_hat.mean().sqrt() + opt.defaults["eps"])
+    torch.testing.assert_close(model.emb[3].detach() - before[3], expected, rtol=1e-5, atol=1e-8)
+    assert (model.emb[3].detach() - before[3]).abs().max() < 10 * lr  # not m̂/eps
+    assert torch.equal(model.emb[4:].detach(), before[4:])  # no gradient, no estimate: untouched
+
+
+def test_full_coverage_keeps_the_papers_rule_bit_for_bit_with_the_foreach_core():
+    """Where every row is observed on every Hessian step no row counter is even made, and the
+    foreach and for-loop cores agree bitwise also when some tensors have uneven rows."""
+    results = []
+    for foreach in (False, True):
+        model = _Bag()
+        opt = AdaHessian(model.parameters(), lr=0.01, seed=0, foreach=foreach)
+        for tokens in ([0, 1, 2, 3, 4, 5], [1, 2], [0, 5], [3]):
+            _bag_step(model, opt, tokens)
+        results.append((clone_params(model), opt))
+    assert "row_hessian_steps" not in results[0][1].state[results[0][1].param_groups[0]["params"][1]]
+    assert_all_equal(results[0][0], results[1][0], "parameter")
+
+
+# =====================================================================================
+# What AdaHessian cannot train, said plainly
+# =====================================================================================
+def test_fp16_parameters_are_refused_with_the_mixed_precision_recipe():
+    with pytest.raises(ValueError, match="float16.*fp32.*--fp16"):
+        AdaHessian([torch.zeros(3, dtype=torch.float16, requires_grad=True)])
+
+
+def test_the_standalone_step_on_attention_without_a_double_backward_names_the_fix():
+    """Any HF BERT on CPU defaults to SDPA, whose fused kernel has no double backward: the README's own
+    standalone loop used to die in torch. The error names the fix, and the fix works."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_adahessian import double_backward_ready
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    assert model.config._attn_implementation == "sdpa"
+    batch = {"input_ids": torch.randint(1, 50, (4, 8)), "labels": torch.tensor([0, 1, 0, 1])}
+    opt = AdaHessian(model.parameters(), lr=0.05, seed=0)
+    model(**batch).loss.backward(create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double_backward_ready.*attn_implementation=\"eager\".*finite_difference"):
+        opt.step()
+    opt.zero_grad()
+    with double_backward_ready(model):
+        model(**batch).loss.backward(create_graph=True)
+    opt.step()
+    assert opt.counters["hessian_updates"] == 1

@@ -28,6 +28,7 @@ from transformers import (
     TrainerCallback,
 )
 
+from hf_adahessian.validation import AdaHessianUsageError
 from hf_adahessian import (
     hessian_pass,
     AdaHessian,
@@ -212,8 +213,22 @@ class GradientsCarryNoGraph(AdaHessianTrainer):
         return loss
 
 
+def _large_and_accumulated(make_args, make_bert, dataset, batch, accumulation, check_normalisation=True, **common):
+    runs = []
+    for batch_size, steps, trainer_class in [(batch, 1, AdaHessianTrainer),
+                                             (batch // accumulation, accumulation, GradientsCarryNoGraph)]:
+        args = make_args(per_device_train_batch_size=batch_size, gradient_accumulation_steps=steps, **common)
+        trainer = trainer_class(model=make_bert(), args=args, train_dataset=dataset)
+        if not check_normalisation:  # what the stock Trainer does
+            trainer._loss_normalisation_checked = True
+        trainer.train()
+        runs.append(trainer)
+    return runs
+
+
 def test_accumulating_four_micro_batches_equals_one_large_batch(make_args, make_bert, make_dataset):
-    """Batch 2 x 4 accumulated vs batch 8, same data order: same parameters, v and losses.
+    """Batch 4 x 4 accumulated vs batch 16, same data order, stock BertForSequenceClassification
+    with clipping at 1.0: same parameters, v and losses.
 
     Same probes on every micro-batch make the summed estimate z ⊙ (Σ H_i) z the large
     batch's, up to fp32 rounding. Where that sum nearly cancels, the update
@@ -223,22 +238,15 @@ def test_accumulating_four_micro_batches_equals_one_large_batch(make_args, make_
     nearly cancel depends on the probes, and a small entry may carry that
     rounding too).
 
-    ``loss_is_scaled_for_ga = False``: BertForSequenceClassification takes ``num_items_in_batch``
-    in its ``**kwargs`` but its loss ignores it, so the stock Trainer (5.24) would skip the
-    division by the accumulation steps and train on a 4x loss with any optimizer (AdamW too).
-    Telling the Trainer the truth makes the two runs the same problem."""
+    BertForSequenceClassification takes ``num_items_in_batch`` in its ``**kwargs`` but its
+    loss ignores it, so transformers 5 alone would train the accumulated run on a 4x loss;
+    the trainer finds that out on its first step, and the control below shows what it fixes."""
     dataset = make_dataset(64)
-    common = dict(max_steps=3, train_sampling_strategy="sequential", optim_args="eps=1e-2")
-    runs = []
-    for batch_size, accumulation, trainer_class in [(8, 1, AdaHessianTrainer), (2, 4, GradientsCarryNoGraph)]:
-        args = make_args(per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, **common)
-        trainer = trainer_class(model=make_bert(), args=args, train_dataset=dataset)
-        trainer.loss_is_scaled_for_ga = False
-        trainer.train()
-        runs.append(trainer)
-    large, accumulated = runs
+    common = dict(max_steps=3, train_sampling_strategy="sequential", optim_args="eps=1e-2", max_grad_norm=1.0)
+    large, accumulated = _large_and_accumulated(make_args, make_bert, dataset, 16, 4, **common)
 
     assert accumulated.checked == 12  # every micro-batch was checked
+    assert accumulated.model_accepts_loss_kwargs is False  # found out, not told
     assert accumulated.adahessian.counters == large.adahessian.counters
     initial = dict(make_bert().named_parameters())
     moved = max((a - initial[name]).abs().max().item() for name, a in large.model.named_parameters())
@@ -251,6 +259,40 @@ def test_accumulating_four_micro_batches_equals_one_large_batch(make_args, make_
     for a, b in zip(v_large, v_accumulated):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(logged(accumulated), logged(large), rtol=1e-5, atol=1e-6)
+
+    # Control: without the check (the stock Trainer's assumption) the accumulated run trains
+    # on a 4x loss and ends far away.
+    _, stock = _large_and_accumulated(make_args, make_bert, dataset, 16, 4, check_normalisation=False, **common)
+    assert logged(stock)[0] == pytest.approx(4 * logged(large)[0], rel=1e-4)
+    assert max((a - b).abs().max().item() for a, b in zip(large.model.parameters(), stock.model.parameters())) > 1e-3
+
+
+def test_a_loss_that_uses_num_items_in_batch_keeps_the_trainers_normalisation(make_args, make_bert, make_dataset):
+    """A compute_loss-free model whose loss is a sum over the items divided by num_items_in_batch:
+    the check sees the loss change with the count and leaves the Trainer's handling alone."""
+
+    class ItemsNormalised(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+            logits = self.inner(input_ids=input_ids).logits
+            loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+            return {"loss": loss / (num_items_in_batch if num_items_in_batch is not None else len(labels)),
+                    "logits": logits}
+
+    dataset = make_dataset(64)
+    runs = []
+    for batch_size, steps in [(16, 1), (4, 4)]:
+        args = make_args(per_device_train_batch_size=batch_size, gradient_accumulation_steps=steps, max_steps=2,
+                         train_sampling_strategy="sequential", optim_args="eps=1e-2")
+        trainer = AdaHessianTrainer(model=ItemsNormalised(make_bert()), args=args, train_dataset=dataset)
+        trainer.train()
+        assert trainer.model_accepts_loss_kwargs is True
+        runs.append(trainer)
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- hessian_batch_fraction
@@ -481,6 +523,84 @@ def test_non_finite_hessian_estimate_is_skipped_and_logged(make_args, make_bert,
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+class Fp16Autocast(AdaHessianTrainer):
+    """fp16 autocast on CPU: with a GradScaler on the accelerator, what --fp16 does on a GPU."""
+
+    def compute_loss_context_manager(self):
+        return torch.autocast("cpu", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("own_scale", [True, False], ids=["own-hessian-scale", "control-at-the-loss-scale"])
+def test_fp16_at_the_default_loss_scale_keeps_the_estimate_entering_v(own_scale, make_args, make_bert, make_dataset,
+                                                                      monkeypatch):
+    """At the GradScaler's default 2^16 the Hessian-vector product of a 2-layer BERT overflows fp16
+    while every gradient stays finite, so the scaler never backs off: the second backward runs at
+    a scale of its own (2^10 to start, halved on overflow), and all 20 estimates enter v.
+    Control: with the second backward held at the loss scale (the old behaviour), most are dropped."""
+    import hf_adahessian.optimizer as optimizer_module
+
+    if not own_scale:
+        monkeypatch.setattr(optimizer_module, "HESSIAN_SCALE_INIT", 2.0**16)
+        monkeypatch.setattr(optimizer_module, "HESSIAN_SCALE_BACKOFF", 1.0)
+    trainer = Fp16Autocast(model=make_bert(num_hidden_layers=2), args=make_args(max_steps=20, max_grad_norm=0.0),
+                           train_dataset=make_dataset(128))
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer.train()
+
+    counters = trainer.adahessian.counters
+    assert trainer.accelerator.scaler.get_scale() == 2.0**16  # no gradient overflowed
+    assert counters["step"] == 20
+    if own_scale:
+        assert counters["hessian_updates"] == 20 and counters["skipped_hessian_updates"] == 0
+        assert all(math.isfinite(h) and h > 0 for h in logged(trainer, "hessian_mean"))
+    else:
+        assert counters["skipped_hessian_updates"] >= 10  # measured: 12 of 20
+
+
+class BadBatchAt(AdaHessianTrainer):
+    """One micro-batch's loss is multiplied by inf (a bad batch), on optimizer step ``bad_step``."""
+
+    bad_step = 4
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.state.global_step == self.bad_step:
+            return loss * float("inf")
+        return loss
+
+
+@pytest.mark.parametrize("optim_args", ["hessian_interval=1", "hessian_interval=2"])
+def test_a_non_finite_loss_skips_the_step_for_every_parameter_and_is_counted(optim_args, make_args, make_bert,
+                                                                             make_dataset):
+    """Without a loss scaler, one inf loss (step 5; a non-Hessian step at interval 2) used to leave
+    every parameter NaN for good. The step is skipped: parameters and state untouched, the next
+    step redoes it, the skip is counted and logged."""
+    before, after = {}, {}
+
+    def snapshot(store):
+        def record(state, model, optimizer):
+            if state.global_step == BadBatchAt.bad_step:
+                store["params"] = [p.detach().clone() for p in model.parameters()]
+                store["m"] = optimizer_state(trainer, "exp_avg")
+        return record
+
+    trainer = BadBatchAt(model=make_bert(), args=make_args(max_steps=8, optim_args=optim_args),
+                         train_dataset=make_dataset(64),
+                         callbacks=[Record("on_pre_optimizer_step", snapshot(before)),
+                                    Record("on_optimizer_step", snapshot(after))])
+    trainer.train()
+
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    for a, b in zip(before["params"], after["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(before["m"], after["m"]):
+        assert torch.equal(a, b)
+    counters = trainer.adahessian.counters
+    assert counters["skipped_steps"] == 1 and counters["step"] == 7
+    assert logged(trainer, "skipped_steps") == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert all(math.isfinite(h) for h in logged(trainer, "hessian_mean"))
+
+
 # --------------------------------------------------------------------------- attention kernels
 
 
@@ -584,6 +704,50 @@ def test_resuming_from_a_checkpoint_continues_exactly(make_args, make_bert, make
         "step": 6, "hessian_updates": 6, "skipped_hessian_updates": 0, "skipped_steps": 0}
     # Probes come from (seed, step, parameter): the seed and the step counter are the probe stream.
     assert resumed.adahessian.seed == straight.adahessian.seed
+
+
+@pytest.mark.parametrize("first, then", [("adamw_torch", "adahessian"), ("adahessian", "adamw_torch")])
+def test_resuming_another_optimizers_checkpoint_is_refused_in_one_line(first, then, make_args, make_bert,
+                                                                       make_dataset, tmp_path):
+    """An AdamW checkpoint resumed with --optim adahessian used to fail with KeyError: 'block_size',
+    and the reverse with KeyError: 'exp_avg_sq'."""
+    dataset = make_dataset(32)
+    lr = {"adamw_torch": 1e-3, "adahessian": 0.05}
+    train(make_bert(), make_args(optim=first, learning_rate=lr[first], max_steps=2, save_strategy="steps",
+                                 save_steps=2, output_dir=str(tmp_path / "a")), dataset)
+    with pytest.raises(AdaHessianUsageError, match=r"checkpoint-2.*saved by .* --optim") as err:
+        train(make_bert(), make_args(optim=then, learning_rate=lr[then], max_steps=4, output_dir=str(tmp_path / "b")),
+              dataset, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert "\n" not in str(err.value)
+
+
+def _sparse_embeddings(make_bert):
+    model = make_bert()
+    model.bert.embeddings.word_embeddings.sparse = True
+    return model
+
+
+def _frozen(make_bert):
+    model = make_bert()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("build, words", [
+    (_sparse_embeddings, ["word_embeddings", "sparse=False"]),
+    (_frozen, ["no trainable parameters"]),
+    (lambda make_bert: make_bert().half(), ["float16", "--fp16"]),
+], ids=["sparse-embedding", "no-trainable-parameters", "fp16-weights"])
+def test_models_adahessian_cannot_train_are_refused_when_the_trainer_is_built(build, words, make_args, make_bert,
+                                                                            make_dataset):
+    """Each used to fail deep inside torch at the first Hessian step, or (fp16 weights) to skip every
+    estimate silently; the stock optimizers are left to themselves."""
+    with pytest.raises(AdaHessianUsageError) as err:
+        AdaHessianTrainer(model=build(make_bert), args=make_args(), train_dataset=make_dataset(16))
+    for word in words:
+        assert word in str(err.value)
+    AdaHessianTrainer(model=build(make_bert), args=make_args(optim="adamw_torch", learning_rate=1e-3),
+                      train_dataset=make_dataset(16))
 
 
 # --------------------------------------------------------------------------- memory

@@ -19,6 +19,10 @@ import transformers
 from transformers import HfArgumentParser
 from transformers.trainer import TRAINER_STATE_NAME
 
+from hf_adahessian.arguments import is_adahessian
+from hf_adahessian.trainer import check_resumable
+from hf_adahessian.validation import AdaHessianUsageError
+
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -118,9 +122,13 @@ def detect_last_checkpoint(logger: logging.Logger, training_args) -> str | None:
 
     A folder the Trainer was still writing when the run died (no readable
     ``trainer_state.json``, which it writes last) is skipped with a warning naming it.
+    The checkpoint resumed from (this one or ``--resume_from_checkpoint``) must have
+    been saved by the same kind of optimizer.
     """
     overwrite = getattr(training_args, "overwrite_output_dir", False)
     if not (os.path.isdir(training_args.output_dir) and training_args.do_train and not overwrite):
+        if training_args.do_train and training_args.resume_from_checkpoint:
+            check_resumable(training_args.resume_from_checkpoint, adahessian=is_adahessian(training_args))
         return None
     last_checkpoint = last_complete_checkpoint(training_args.output_dir, logger)
     if last_checkpoint is None and len(os.listdir(training_args.output_dir)) > 0:
@@ -128,6 +136,9 @@ def detect_last_checkpoint(logger: logging.Logger, training_args) -> str | None:
             f"--output_dir {training_args.output_dir} already exists and is not empty, with no complete checkpoint; "
             "use --overwrite_output_dir to train from scratch in it, or another --output_dir"
         )
+    resume = training_args.resume_from_checkpoint or last_checkpoint
+    if resume and os.path.isdir(resume):
+        check_resumable(resume, adahessian=is_adahessian(training_args))
     if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
         logger.info(
             f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
@@ -153,9 +164,9 @@ def last_complete_checkpoint(output_dir: str, logger: logging.Logger) -> str | N
 
 
 def run_script(main: Callable[[], object]) -> None:
-    """Run a script's ``main``; a ``UsageError`` ends it with one line on stderr and status 2."""
+    """Run a script's ``main``; a usage error (the script's or AdaHessian's) ends it with one line and status 2."""
     try:
         main()
-    except UsageError as err:
+    except (UsageError, AdaHessianUsageError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         sys.exit(2)

@@ -20,9 +20,19 @@ samples one process with batch 2B sees at the same step.
 
 Cases (``--cases`` takes a comma-separated list):
 
-* ``adahessian``: ``--optim adahessian``, hessian_interval=1;
+* ``adahessian``: ``--optim adahessian``, hessian_interval=1, the stock
+  ``BertForSequenceClassification`` untouched (its loss ignores ``num_items_in_batch``);
 * ``adahessian_i2_ga2``: hessian_interval=2 and gradient_accumulation_steps=2;
-* ``adamw``: stock ``adamw_torch`` (DDP's own gradient all-reduce);
+* ``adahessian_fd``: the finite-difference estimator (DDP's reducer syncs its gradient);
+* ``adahessian_rare_head``: a second head that only rows with certain ids use, so on
+  some steps one rank uses it and the other does not (data-dependent unused parameters);
+* ``adahessian_clm``: a tiny GPT-2 on rows with different numbers of masked labels,
+  whose loss does use ``num_items_in_batch``, with gradient_accumulation_steps=2;
+* ``standalone``: no Trainer: the optimizer in a hand-written DDP loop, as the README
+  shows it (``double_backward_ready``, ``estimate().accumulate``, ``all_reduce_()``);
+* ``adamw``: stock ``adamw_torch`` (DDP's own gradient all-reduce), with the model told
+  that its loss ignores ``num_items_in_batch`` (the stock Trainer would otherwise train
+  DDP on a world-size-times larger loss: a control of the set-up, not of the package);
 * ``adahessian_no_allreduce``: as ``adahessian`` with the package's all-reduce
   (``hf_adahessian.estimate.all_reduce_mean_``) replaced by a no-op;
 * ``adahessian_grads_only``: as ``adahessian`` with the all-reduce applied to
@@ -42,10 +52,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    TrainerCallback,
+)
 
 import hf_adahessian.estimate as ah_estimate  # noqa: E402
-from hf_adahessian import AdaHessianTrainer, AdaHessianTrainingArguments  # noqa: E402
+from hf_adahessian import AdaHessian, AdaHessianTrainer, AdaHessianTrainingArguments, double_backward_ready  # noqa: E402
 
 N_SAMPLES = 32
 SEQ_LEN = 8
@@ -54,12 +71,22 @@ MAX_STEPS = 4
 
 CASES = {
     "adahessian": dict(optim="adahessian", learning_rate=0.05, optim_args="hessian_interval=1", grad_acc=1),
+    "adahessian_fd": dict(optim="adahessian", learning_rate=0.05,
+                          optim_args="hessian_interval=1,hessian_estimator=finite_difference", grad_acc=1),
+    "adahessian_rare_head": dict(optim="adahessian", learning_rate=0.05, optim_args="hessian_interval=1", grad_acc=1,
+                                 model="rare_head"),
+    # eps=1e-2: at 1e-4 the GPT-2's many nearly flat coordinates move 0.8 in 4 steps and magnify
+    # fp32 rounding (GA 2x2 vs 4 in one process: 5e-5; at 1e-2: 2e-7), as in the trainer's GA test.
+    "adahessian_clm": dict(optim="adahessian", learning_rate=0.05, optim_args="hessian_interval=1,eps=1e-2",
+                           grad_acc=2, model="clm"),
+    "standalone": dict(optim="adahessian", learning_rate=0.05, optim_args="hessian_interval=2", grad_acc=1,
+                       loop=True),
     # Also with find_unused_parameters=False (transformers' default here is True): DDP's
     # reducer then expects every synced backward to reach all parameters, and the
     # Hessian steps run between DDP-synced steps.
     "adahessian_i2_ga2": dict(optim="adahessian", learning_rate=0.05, optim_args="hessian_interval=2", grad_acc=2,
                               find_unused=False),
-    "adamw": dict(optim="adamw_torch", learning_rate=1e-3, optim_args=None, grad_acc=1),
+    "adamw": dict(optim="adamw_torch", learning_rate=1e-3, optim_args=None, grad_acc=1, model="told"),
     "adahessian_no_allreduce": dict(optim="adahessian", learning_rate=0.05, optim_args="hessian_interval=1",
                                     grad_acc=1, patch="no_allreduce"),
     "adahessian_grads_only": dict(optim="adahessian", learning_rate=0.05, optim_args="hessian_interval=1",
@@ -68,36 +95,67 @@ CASES = {
 CASES["adahessian_i2_ga2_no_allreduce"] = dict(CASES["adahessian_i2_ga2"], patch="no_allreduce")
 
 
-def make_dataset() -> list[dict[str, torch.Tensor]]:
-    """Fixed-length rows (no padding), each with a distinct first token that identifies it."""
+def make_dataset(kind: str = "bert") -> list[dict[str, torch.Tensor]]:
+    """Fixed-length rows (no padding), each with a distinct token (position 1) that identifies it.
+
+    For the causal LM the last ``i % 4`` labels of row ``i`` are masked (-100), so the ranks'
+    micro-batches hold different numbers of items.
+    """
     g = torch.Generator().manual_seed(1234)
     rows = []
     for i in range(N_SAMPLES):
         ids = torch.randint(3, VOCAB, (SEQ_LEN,), generator=g)
         ids[0] = 2  # [CLS]-like
         ids[1] = 3 + i  # the row's id, read back from each micro-batch
-        rows.append({
-            "input_ids": ids,
-            "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long),
-            "labels": torch.tensor(int(ids[2:].sum()) % 2),
-        })
+        row = {"input_ids": ids, "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long)}
+        if kind == "clm":
+            labels = ids.clone()
+            if i % 4:
+                labels[-(i % 4):] = -100
+            row["labels"] = labels
+        else:
+            row["labels"] = torch.tensor(int(ids[2:].sum()) % 2)
+        rows.append(row)
     return rows
 
 
-def make_model() -> BertForSequenceClassification:
-    config = BertConfig(
+def bert_config() -> BertConfig:
+    return BertConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=SEQ_LEN, type_vocab_size=1, num_labels=2,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
     )
+
+
+class RareHeadBert(BertForSequenceClassification):
+    """A second head for the rows whose id is a multiple of 5: on a step where one rank has
+    such a row and the other has none, the head is unused on the other rank."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rare = torch.nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        pooled = self.bert(input_ids, attention_mask=attention_mask).pooler_output
+        logits = self.classifier(pooled)
+        rows = (input_ids[:, 1] - 3) % 5 == 0
+        if rows.any():
+            extra = torch.zeros_like(logits)
+            extra[rows] = self.rare(pooled[rows])
+            logits = logits + extra
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def make_model(kind: str = "bert") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = BertForSequenceClassification(config)
-    # BertForSequenceClassification takes **kwargs, so the Trainer would assume its loss
-    # is normalised by `num_items_in_batch` (it is a plain batch mean) and, under DDP with
-    # average_tokens_across_devices, multiply it by the world size: stock transformers
-    # behaviour that would make *every* optimizer differ from the single process.  Saying
-    # that the model ignores num_items_in_batch gives the plain-mean semantics everywhere.
-    model.accepts_loss_kwargs = False
+    if kind == "clm":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=16, n_layer=2, n_head=2,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = (RareHeadBert if kind == "rare_head" else BertForSequenceClassification)(bert_config())
+    if kind == "told":
+        # See the module docstring: the stock Trainer's assumption, corrected by hand for AdamW.
+        model.accepts_loss_kwargs = False
     return model
 
 
@@ -134,11 +192,53 @@ def patched_all_reduce(kind: str, model: torch.nn.Module):
     return grads_only
 
 
+def standalone_loop(spec: dict, batch: int, out: Path) -> tuple[torch.nn.Module, list, list]:
+    """The README's hand-written DDP loop: DDP for plain steps; on Hessian steps the estimate is fed
+    outside DDP's reducer and all-reduced by an explicit call."""
+    model = make_model()
+    model.train()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = AdaHessian(model.parameters(), lr=spec["learning_rate"], hessian_interval=2, seed=42)
+    rows = make_dataset()
+    seen, logs = [], []
+    for step in range(MAX_STEPS):
+        start = step * batch * world + rank * batch
+        chunk = rows[start:start + batch]
+        inputs = {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}
+        seen.append([int(r) - 3 for r in inputs["input_ids"][:, 1].tolist()])
+        if opt.is_hessian_step():
+            with double_backward_ready(ddp):
+                loss = ddp(**inputs).loss
+                estimate = opt.estimate()
+                estimate.accumulate(loss)
+            estimate.all_reduce_()
+        else:
+            loss = ddp(**inputs).loss
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        logs.append({"loss": float(loss), "hessian_mean": opt.last_hessian_mean,
+                     "hessian_updates": opt.counters["hessian_updates"]})
+    return model, seen, logs
+
+
 def run_case(name: str, batch: int, out: Path) -> None:
     spec = CASES[name]
     case_dir = out / name
     case_dir.mkdir(parents=True, exist_ok=True)
-    model = make_model()
+    if spec.get("loop"):
+        if int(os.environ.get("RANK", 0)) == 0:
+            torch.save({k: v.detach().clone() for k, v in make_model().state_dict().items()}, case_dir / "init.pt")
+        model, seen, logs = standalone_loop(spec, batch, out)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        info = {"case": name, "rank": rank, "world_size": world, "optimizer": "AdaHessian",
+                "global_step": MAX_STEPS, "seen": seen, "logs": logs}
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, case_dir / f"rank{rank}.pt")
+        (case_dir / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
+        return
+    model = make_model(spec.get("model", "bert"))
     args = AdaHessianTrainingArguments(
         output_dir=str(case_dir / "trainer"),
         use_cpu=True,
@@ -161,7 +261,8 @@ def run_case(name: str, batch: int, out: Path) -> None:
         ddp_find_unused_parameters=spec.get("find_unused"),
     )
     recorder = LogRecorder()
-    trainer = RecordingTrainer(model=model, args=args, train_dataset=make_dataset(), callbacks=[recorder])
+    dataset = make_dataset("clm" if spec.get("model") == "clm" else "bert")
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder])
     rank = args.process_index
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, case_dir / "init.pt")
@@ -175,7 +276,6 @@ def run_case(name: str, batch: int, out: Path) -> None:
         ah_estimate.all_reduce_mean_ = original
 
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    dist = torch.distributed
     info = {
         "case": name,
         "rank": rank,
@@ -188,6 +288,7 @@ def run_case(name: str, batch: int, out: Path) -> None:
         "device": str(args.device),
         "optimizer": type(optimizer).__name__,
         "global_step": trainer.state.global_step,
+        "accepts_loss_kwargs": trainer.model_accepts_loss_kwargs,
         "seen": trainer.seen,
         "logs": recorder.logs,
     }
