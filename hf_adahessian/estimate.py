@@ -99,6 +99,9 @@ class HessianEstimate:
         self.difference: tuple[float, float, str] | None = None
         self.micro_batches = 0
         self.reduced = False
+        # Made on a step without a scheduled Hessian, for parameters no estimate has seen yet
+        # (``AdaHessian.needs_catch_up``): step() lets it into v all the same.
+        self.catch_up = False
 
     def accumulate(self, loss: torch.Tensor | None = None, *, grads: Sequence[torch.Tensor | None] | None = None,
                    scale: float = 1.0, add_grad: bool = True) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "amp_scale",
     "split_batch",
     "micro_batch",
+    "catch_up",
 ]
 
 # Attention implementations whose backward is built from ordinary ops, or SDPA,
@@ -215,6 +216,32 @@ def micro_batch(
     return loss
 
 
+def catch_up(*, model, inputs, num_items_in_batch, estimate: HessianEstimate, stock_step: StockStep, accelerator,
+             estimator: str, relative_fd_step: float) -> None:
+    """A Hessian-only pass on a micro-batch of a step without a scheduled Hessian (the gradient is done).
+
+    The exact estimator differentiates the micro-batch's gradient once more; finite
+    differences take a central difference, g(θ + εz) − g(θ − εz), which needs no
+    gradient at θ of this micro-batch alone.  Reduced across processes at once: the
+    trainer asks for it only on the last micro-batch, after DDP's sync, when every
+    process sees the same gradients and so makes the same decision.
+    """
+    estimate.catch_up = True
+    if estimator == "finite_difference":
+        eps = fd_epsilon(estimate.params, relative_fd_step)
+        for sign in (1, -1):
+            with torch.random.fork_rng(devices=rng_devices(estimate.params)), no_sync(model), \
+                    perturbed(estimate, sign * eps), capture_backward(_fd_sink(estimate, accelerator, eps, "central", sign)):
+                stock_step(model, inputs, num_items_in_batch)
+    else:
+        with torch.random.fork_rng(devices=rng_devices(estimate.params)), double_backward_ready(model), \
+                capture_backward(_exact_sink(estimate, accelerator, add_grad=False)):
+            stock_step(model, inputs, num_items_in_batch)
+    if world_size() > 1:
+        estimate.all_reduce_()
+    estimate.finish_()
+
+
 def _exact_sink(estimate: HessianEstimate, accelerator, weight: float = 1.0, add_grad: bool = True):
     def sink(loss: torch.Tensor) -> None:
         estimate.accumulate(loss * weight if weight != 1.0 else loss, scale=amp_scale(accelerator),
@@ -270,19 +297,24 @@ def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerat
     params = estimate.params
     eps = fd_epsilon(params, relative_step) if estimate.difference is None else estimate.difference[0]
     for sign in ((1, -1) if scheme == "central" else (1,)):
-        def sink(loss: torch.Tensor, sign=sign) -> None:
-            # A plain backward into .grad (reentrant checkpointing refuses autograd.grad), with the
-            # gradients of earlier micro-batches set aside meanwhile.
-            kept = [p.grad for p in params]
-            for p in params:
-                p.grad = None
-            loss.backward()
-            grads = [p.grad for p in params]
-            for p, g in zip(params, kept):
-                p.grad = g
-            add_perturbed_gradients(estimate, grads, eps, scale=amp_scale(accelerator), scheme=scheme, sign=sign)
-
         with torch.random.fork_rng(devices=rng_devices(params)), no_sync(model), perturbed(estimate, sign * eps), \
-                capture_backward(sink):
+                capture_backward(_fd_sink(estimate, accelerator, eps, scheme, sign)):
             stock_step(model, inputs, num_items)
     return plain(stock_step(model, inputs, num_items))
+
+
+def _fd_sink(estimate: HessianEstimate, accelerator, eps: float, scheme: str, sign: int):
+    params = estimate.params
+
+    def sink(loss: torch.Tensor) -> None:
+        # A plain backward into .grad (reentrant checkpointing refuses autograd.grad), with the
+        # gradients of earlier micro-batches set aside meanwhile.
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        loss.backward()
+        grads = [p.grad for p in params]
+        for p, g in zip(params, kept):
+            p.grad = g
+        add_perturbed_gradients(estimate, grads, eps, scale=amp_scale(accelerator), scheme=scheme, sign=sign)
+    return sink

@@ -174,6 +174,17 @@ class AdaHessian(Optimizer):
         """Whether the next ``step()`` updates the Hessian moving average."""
         return self.stats.step % self.hessian_interval == 0
 
+    def needs_catch_up(self) -> bool:
+        """Whether a parameter with a gradient now has never had a curvature estimate.
+
+        With ``hessian_interval > 1`` a head used only between Hessian steps (round-robin
+        tasks, a branch taken on some batches) would otherwise never move: with no v its
+        step would be m/eps, so it only accumulates momentum.  The trainer answers this
+        with a Hessian-only pass on the micro-batch (once per such parameter).
+        """
+        return any(p.grad is not None and self.state.get(p, {}).get("hessian_step", 0) == 0
+                   for p in self.trainable_params())
+
     def trainable_params(self) -> list[torch.Tensor]:
         """The parameters AdaHessian estimates and updates, in group order (the order of the probes)."""
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -231,7 +242,7 @@ class AdaHessian(Optimizer):
                     loss = closure()
                 if self._estimate is not None:  # the closure fed a fresh estimate itself
                     estimate, self._estimate = self._estimate, None
-        if not hessian_step:
+        if not hessian_step and not (estimate is not None and estimate.catch_up):
             estimate = None
         elif estimate is None:
             estimate = self._estimate_from_grad_graph()

@@ -87,8 +87,20 @@ class AdaHessianTrainerMixin:
             self._check_loss_normalisation(model, inputs, num_items_in_batch)
             if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
                 num_items_in_batch = None
-        if optimizer is None or not optimizer.is_hessian_step():
+        if optimizer is None:
             return super().training_step(model, inputs, num_items_in_batch)
+        if not optimizer.is_hessian_step():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.accelerator.sync_gradients and optimizer.needs_catch_up():
+                start = time.perf_counter()
+                hessian_pass.catch_up(
+                    model=model, inputs=inputs, num_items_in_batch=num_items_in_batch,
+                    estimate=optimizer.estimate(key=self.state.global_step), stock_step=super().training_step,
+                    accelerator=self.accelerator, estimator=optimizer.hessian_estimator,
+                    relative_fd_step=optimizer.relative_fd_step(_COMPUTE_DTYPES.get(self.accelerator.mixed_precision)),
+                )
+                self.hessian_seconds += time.perf_counter() - start
+            return loss
         settings = settings_of(self.args)
         start = time.perf_counter()
         loss = hessian_pass.micro_batch(

@@ -128,12 +128,22 @@ def test_sst2_adahessian_train_eval_predict_then_resume(bert, data, env, tmp_pat
     assert lines[0] == "index\tprediction" and len(lines) == 1 + 8
     assert {line.split("\t")[1] for line in lines[1:]} <= {"negative", "positive"}
 
-    # Same output_dir, more steps: the script finds checkpoint-4 itself and carries on from there.
+    # A kill while checkpoint-5 was being written leaves a folder with the model's config and half an
+    # optimizer.pt, and no trainer_state.json (the Trainer writes it last).
+    partial = out / "checkpoint-5"
+    partial.mkdir()
+    (partial / "config.json").write_text((out / "checkpoint-4" / "config.json").read_text())
+    (partial / "optimizer.pt").write_bytes((out / "checkpoint-4" / "optimizer.pt").read_bytes()[:1000])
+
+    # Same output_dir, more steps: the script skips the partial folder, says so, finds checkpoint-4
+    # itself and carries on from there.
     resumed = run_glue(
         env, "--model_name_or_path", bert, "--task_name", "sst2", *files, "--do_train", "--max_steps", "6",
         "--save_steps", "2", "--output_dir", out, *COMMON, *adahessian(),
     )  # fmt: skip
-    assert "Checkpoint detected, resuming training at" in resumed.stdout + resumed.stderr
+    printed = resumed.stdout + resumed.stderr
+    assert f"Skipping {partial}: it is incomplete" in printed
+    assert f"Checkpoint detected, resuming training at {out / 'checkpoint-4'}" in printed
     state = _json(out / "trainer_state.json")
     assert state["global_step"] == 6
     logs = _train_logs(out)
@@ -202,6 +212,13 @@ def _bad_input_cases(data, root):
     bad_label = _write_jsonl(root / "bad_label.jsonl", rows)
     pairs = [{"sentence1": "a b", "sentence2": "c d", "label": 1}] * 3
     holes = _write_csv(root / "holes.csv", [*pairs, {"sentence1": "a b", "sentence2": "", "label": 0}])
+    # What an AdamW run saves: an optimizer state with no AdaHessian part.
+    adamw_checkpoint = root / "saved_by_adamw"
+    adamw_checkpoint.mkdir(exist_ok=True)
+    import torch
+
+    torch.save({"state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}},
+                "param_groups": [{"lr": 1e-3, "params": [0]}]}, adamw_checkpoint / "optimizer.pt")
     return {
         "unknown_task": (["--task_name", "glue9", *train, *validation], ["--task_name", "glue9", "mrpc, qnli"]),
         "no_data": ([], ["--task_name", "--dataset_name", "--train_file"]),
@@ -234,11 +251,28 @@ def _bad_input_cases(data, root):
             ["--task_name", "sst2", *train, "--optim", "adahessian", "--optim_args", "hessian_pow=2"],
             ["--optim_args", "hessian_pow"],
         ),
+        "negative_learning_rate": (
+            ["--task_name", "sst2", *train, "--optim", "adahessian", "--learning_rate", "-0.1"],
+            ["--learning_rate", "-0.1", "positive"],
+        ),
+        "infinite_eps": (
+            ["--task_name", "sst2", *train, "--optim", "adahessian", "--optim_args", "eps=inf"],
+            ["--optim_args", "eps=inf", "finite"],
+        ),
+        "repeated_optim_args_key": (
+            ["--task_name", "sst2", *train, "--optim", "adahessian", "--optim_args", "block_size=2,block_size=4"],
+            ["block_size", "twice"],
+        ),
+        "adamw_checkpoint": (
+            ["--task_name", "sst2", *train, "--optim", "adahessian", "--resume_from_checkpoint", adamw_checkpoint],
+            ["saved_by_adamw", "another optimizer", "--optim adahessian"],
+        ),
     }
 
 
 BAD_INPUT = ["unknown_task", "no_data", "wrong_extension", "missing_file", "missing_text_column", "unknown_label",
-             "empty_text_cell", "label_not_in_training_data", "output_dir_not_empty", "bad_optim_args"]  # fmt: skip
+             "empty_text_cell", "label_not_in_training_data", "output_dir_not_empty", "bad_optim_args",
+             "negative_learning_rate", "infinite_eps", "repeated_optim_args_key", "adamw_checkpoint"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

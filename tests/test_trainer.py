@@ -195,6 +195,53 @@ def test_stock_backward_is_restored_after_a_hessian_step(make_args, make_bert, m
     assert trainer.accelerator.backward.__func__ is Accelerator.backward
 
 
+class RoundRobinHeads(torch.nn.Module):
+    """Two tasks taking turns batch by batch: rows whose first token is 1 go to ``head_b``, others to the
+    BERT's own classifier. With hessian_interval=2 and task B on the even steps, head_b only ever
+    gets gradients between Hessian steps."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+        self.head_b = torch.nn.Linear(bert.config.hidden_size, 2)
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        if bool((input_ids[:, 0] == 1).all()):
+            pooled = self.bert.bert(input_ids).pooler_output
+            logits = self.head_b(pooled)
+        else:
+            logits = self.bert(input_ids=input_ids).logits
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def round_robin_dataset(n=32, batch=4):
+    ids = torch.randint(2, 100, (n, 8), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = torch.tensor([1 if (i // batch) % 2 else 2 for i in range(n)])
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 1] % 2).tolist()})
+
+
+@pytest.mark.parametrize("catch_up", [True, False], ids=["catch-up", "control-without"])
+def test_a_head_trained_only_between_hessian_steps_gets_a_curvature_estimate_and_moves(
+        catch_up, make_args, make_bert, monkeypatch):
+    """Used to stay bitwise unchanged (no v, so only momentum): the first lazy step that gives head_b a
+    gradient also gets a Hessian-only pass, once, and from then on head_b trains."""
+    if not catch_up:
+        monkeypatch.setattr(AdaHessian, "needs_catch_up", lambda self: False)
+    model = RoundRobinHeads(make_bert())
+    before = model.head_b.weight.detach().clone()
+    args = make_args(max_steps=8, per_device_train_batch_size=4, train_sampling_strategy="sequential",
+                     optim_args="hessian_interval=2")
+    trainer = train(model, args, round_robin_dataset())
+    state = trainer.adahessian.state[model.head_b.weight]
+    if catch_up:
+        assert state["hessian_step"] == 1
+        assert not torch.equal(model.head_b.weight.detach(), before)
+        assert trainer.adahessian.counters["hessian_updates"] == 4 + 1  # steps 1, 3, 5, 7 and the catch-up
+    else:
+        assert state["hessian_step"] == 0
+        assert torch.equal(model.head_b.weight.detach(), before)
+
+
 # --------------------------------------------------------------------------- gradient accumulation
 
 
