@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Mapping
 
 from . import report, stats
 from .options import parse_lr_grid, parse_lr_overrides, pick_optimizers
 from .runs import Run, fresh_run_dir, run_child, schedule_args
-from .specs import BASELINE, Budget, Experiment
+from .specs import BASELINE, Budget, Experiment, OptimizerSpec
 
 
 def kind(args) -> str:
@@ -20,9 +21,10 @@ def kind(args) -> str:
     return "lr_search" if args.lr_grid else "comparison"
 
 
-def plan(experiment: Experiment, args) -> list[Run]:
-    """Every chosen optimizer at its learning rate (or every (optimizer, lr) of the grid), for every seed."""
-    registry = experiment.optimizers
+def plan(registry: Mapping[str, OptimizerSpec], args) -> list[Run]:
+    """Every chosen optimizer at its learning rate (or every (optimizer, lr) of the grid), for every seed.
+
+    Called first, so that a bad ``--optimizers`` or ``--lr_grid`` fails before any work."""
     names = pick_optimizers(args.optimizers, list(registry))
     lrs = {n: registry[n].lr for n in names}
     lrs.update({k: v for k, v in parse_lr_overrides(args.lr).items() if k in lrs})
@@ -61,10 +63,9 @@ def compare_to_baseline(records: list[dict]) -> None:
             r["ratios"] = stats.ratios(r, seed_bases[0])
 
 
-def run_comparison(experiment: Experiment, args, budget: Budget, env: dict, out_dir: Path, module: str,
-                   extra_meta: dict | None = None) -> list[dict]:
+def run_comparison(experiment: Experiment, runs: list[Run], args, budget: Budget, env: dict, out_dir: Path,
+                   module: str, extra_meta: dict | None = None) -> list[dict]:
     """Run the plan, one child per run, then write table.md, results.json, loss.png (and quality.png)."""
-    runs = plan(experiment, args)
     lr_search = bool(args.lr_grid)
     runs_dir = out_dir / "runs"  # git-ignored: Trainer output folders, logs, the partial results
     meta = {

@@ -30,6 +30,7 @@ from .minilm import BATCH_SIZE, MAX_LENGTH, minilm_for_training, setup
 from .options import output_dir, profile_parser
 from .report import fmt, markdown_table, provenance, write_report
 
+MODULE = "benchmarks.memory_hessian_step"  # how it is run: python -m MODULE
 MB = 2**20
 ADAHESSIAN = {"lr": 1e-3, "block_size": 32, "seed": 0, "hessian_interval": 1}
 QUARTER = 0.25
@@ -111,7 +112,7 @@ def measure(step, make_optimizer) -> dict:
 
 
 def main() -> None:
-    args = profile_parser(__doc__).parse_args()
+    args = profile_parser(MODULE, __doc__).parse_args()
     batch = setup(args.threads, args.data_dir)
     out = output_dir(args, "sst2", "memory")
     results = {}
@@ -133,7 +134,7 @@ def main() -> None:
             f"AdaHessian {ADAHESSIAN}\n\n{table}\n\nPeak tensor memory: parameters + optimizer state + the step's "
             f"peak\n\n{totals}\n")
     write_report(out, text, {
-        **provenance(args.threads, "benchmarks.memory_hessian_step"), "batch_size": BATCH_SIZE,
+        **provenance(args.threads, MODULE), "batch_size": BATCH_SIZE,
         "max_seq_length": MAX_LENGTH, "adahessian": ADAHESSIAN, "estimators": args.estimators, "results": results,
     })
 

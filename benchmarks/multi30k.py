@@ -28,6 +28,7 @@ from .options import comparison_parser, output_dir, resolve_budget
 from .paths import REPO, arg_path
 from .specs import Budget, Budgets, Experiment, Metric
 
+MODULE = "benchmarks.multi30k"  # how it is run: python -m MODULE
 NAME = "multi30k"
 METRIC = Metric("eval_bleu", "BLEU", higher_is_better=True, format=".2f")
 HESSIAN_GRID = (0.01, 0.03, 0.1, 0.15, 0.3)
@@ -69,7 +70,8 @@ def build_model(out_dir: Path, train_file: Path, env: dict) -> tuple[Path, list[
 
 
 def main() -> None:
-    args = comparison_parser(__doc__, list(OPTIMIZERS), list(DEFAULT)).parse_args()
+    args = comparison_parser(MODULE, __doc__, list(OPTIMIZERS), list(DEFAULT)).parse_args()
+    runs = comparison.plan(OPTIMIZERS, args)
     budget = resolve_budget(args, BUDGETS)
     folder = require_data(args.data_dir, NAME)
     data = data_files(folder, budget, args.quick)
@@ -90,7 +92,7 @@ def main() -> None:
         optimizers=OPTIMIZERS, default_optimizers=DEFAULT,
     )
     comparison.run_comparison(
-        experiment, args, budget, env, out_dir, "benchmarks.multi30k",
+        experiment, runs, args, budget, env, out_dir, MODULE,
         extra_meta={"model_build_command": build_cmd, "model_build_s": build_s, "batch_size": 32,
                     "max_length": 64, "decoding": "greedy"},
     )

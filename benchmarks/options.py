@@ -22,8 +22,10 @@ def _common(p: argparse.ArgumentParser, quick_help: str) -> None:
     p.add_argument("--data_dir", type=Path, default=DATA, help="the shared data folder (default: ../shared/data)")
 
 
-def comparison_parser(description: str, optimizers: list[str], default_optimizers: list[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def comparison_parser(module: str, description: str, optimizers: list[str],
+                      default_optimizers: list[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p, "a few steps on small slices (CI smoke run), written to a temporary folder")
     p.add_argument("--optimizers", default=",".join(default_optimizers),
                    help=f"comma-separated subset of: {', '.join(optimizers)} (default: %(default)s)")
@@ -46,9 +48,10 @@ def comparison_parser(description: str, optimizers: list[str], default_optimizer
     return p
 
 
-def profile_parser(description: str) -> argparse.ArgumentParser:
+def profile_parser(module: str, description: str) -> argparse.ArgumentParser:
     """The options both step profiles take."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p, "the short mode (CI): the fewest repeats, written to a temporary folder")
     p.add_argument("--estimators", default=",".join(ESTIMATORS), type=parse_estimators,
                    help="AdaHessian's Hessian estimators to profile (default: %(default)s)")

@@ -45,6 +45,7 @@ from .options import output_dir, profile_parser
 from .report import fmt, markdown_table, provenance, write_report
 from .steps import PhaseTimer, backward_step, exact_hessian_step, finite_difference_hessian_step
 
+MODULE = "benchmarks.profile_hessian_step"  # how it is run: python -m MODULE
 # Every AdaHessian here: these settings, and a Hessian on every step (interval 1) unless said.
 ADAHESSIAN = {"lr": 1e-3, "block_size": 32, "seed": 0}
 NEVER_AGAIN = 10**9  # an interval after which no second estimate comes: every step after the first is plain
@@ -132,7 +133,7 @@ def top_operators(fn, steps: int, top: int) -> dict:
 
 
 def main() -> None:
-    p = profile_parser(__doc__)
+    p = profile_parser(MODULE, __doc__)
     p.add_argument("--repeats", type=int, help="measured rounds (default: 15; quick 1)")
     p.add_argument("--warmup", type=int, help="rounds left out (default: 3; quick 0)")
     p.add_argument("--profile_steps", type=int, help="Hessian steps under torch.profiler per estimator, median "
@@ -173,7 +174,7 @@ def main() -> None:
             f"{MAX_LENGTH}, {args.threads} threads\n\nmedians over {repeats} interleaved rounds after {warmup} warm-up "
             f"rounds; AdaHessian {ADAHESSIAN}\n\n{table}\n\n" + "\n".join(ratio_lines) + "\n\n" + "\n".join(sections))
     write_report(out, text, {
-        **provenance(args.threads, "benchmarks.profile_hessian_step"), "parameters": n_params,
+        **provenance(args.threads, MODULE), "parameters": n_params,
         "batch_size": BATCH_SIZE, "max_seq_length": MAX_LENGTH, "adahessian": ADAHESSIAN,
         "estimators": args.estimators, "repeats": repeats, "warmup": warmup, "measure_s": measure_s,
         "summary": summary, "rounds": rounds, "profiles": profiles,

@@ -23,6 +23,7 @@ from .options import comparison_parser, output_dir, resolve_budget
 from .paths import arg_path
 from .specs import Budget, Budgets, Experiment, Metric
 
+MODULE = "benchmarks.sst2"  # how it is run: python -m MODULE
 NAME = "sst2"
 METRIC = Metric("eval_accuracy", "accuracy", higher_is_better=True, format=".4f")
 
@@ -65,7 +66,8 @@ BUDGETS = Budgets(
 
 
 def main() -> None:
-    args = comparison_parser(__doc__, list(OPTIMIZERS), list(DEFAULT)).parse_args()
+    args = comparison_parser(MODULE, __doc__, list(OPTIMIZERS), list(DEFAULT)).parse_args()
+    runs = comparison.plan(OPTIMIZERS, args)
     budget = resolve_budget(args, BUDGETS)
     data = data_files(require_data(args.data_dir, NAME), budget, args.quick)
     out_dir = output_dir(args, NAME, comparison.kind(args))
@@ -81,7 +83,7 @@ def main() -> None:
         optimizers=OPTIMIZERS, default_optimizers=DEFAULT,
     )
     comparison.run_comparison(
-        experiment, args, budget, child_env(args.threads, data.datasets_cache), out_dir, "benchmarks.sst2",
+        experiment, runs, args, budget, child_env(args.threads, data.datasets_cache), out_dir, MODULE,
         extra_meta={"model": model, "batch_size": 16, "max_seq_length": 64},
     )
 

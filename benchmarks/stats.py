@@ -132,7 +132,7 @@ def summarize(records: list[dict], baseline: str) -> list[dict]:
             "loss_last_10_steps": mean_sd(losses).to_json(),
             "ratios": {k: mean_sd(r.get("ratios", {}).get(k) for r in good).to_json() for k in RATIO_KEYS},
         }
-        if base_metric is not None and base_metric.n and metric.n:
+        if base_metric is not None and base_metric.n and metric.n and name != baseline:
             summary["metric_difference"] = metric.mean - base_metric.mean
             summary["beyond_noise"] = beyond_noise(metric, base_metric)
         out.append(summary)
