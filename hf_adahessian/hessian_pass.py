@@ -33,6 +33,7 @@ from .estimators import add_perturbed_gradients, fd_epsilon, perturbed, rng_devi
 
 __all__ = [
     "double_backward_ready",
+    "double_backward_active",
     "no_sync",
     "capture_backward",
     "mark",
@@ -62,10 +63,24 @@ def no_sync(model: torch.nn.Module):
         yield
 
 
+_DOUBLE_BACKWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("_DOUBLE_BACKWARD", default=False)
+
+
+def double_backward_active() -> bool:
+    """Whether the code running now is inside :func:`double_backward_ready` (the exact estimator's forward).
+
+    A trainer whose loss runs through a kernel without a double backward (TRL's fused
+    LM head) computes it the plain way there instead.
+    """
+    return _DOUBLE_BACKWARD.get()
+
+
 @contextlib.contextmanager
 def double_backward_ready(model: torch.nn.Module):
     """No DDP reducer, and attention with a double backward, for the exact estimator's forward."""
     with contextlib.ExitStack() as stack:
+        token = _DOUBLE_BACKWARD.set(True)
+        stack.callback(_DOUBLE_BACKWARD.reset, token)
         stack.enter_context(no_sync(model))
         inner = _unwrapped(model)
         config = getattr(inner, "config", None)

@@ -54,6 +54,14 @@ class AdaHessianTrainerMixin:
         super().__init__(*args, **kwargs)
         if is_adahessian(self.args) and self.model is not None:
             check_model(self.model)
+            exact = settings_of(self.args).optimizer_kwargs["hessian_estimator"] == "exact"
+            if exact and _has_fused_lm_head(self) and getattr(self.args, "loss_type", "nll") != "nll":
+                raise AdaHessianUsageError(
+                    f"--optim adahessian with TRL's loss_type={self.args.loss_type!r}: the exact estimator cannot "
+                    "differentiate TRL's fused LM head twice and computes the plain NLL instead, which is another "
+                    "loss. Use --optim_args hessian_estimator=finite_difference (two ordinary backwards through "
+                    "TRL's own kernel), or loss_type='nll'."
+                )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is not None:
@@ -118,7 +126,15 @@ class AdaHessianTrainerMixin:
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if hessian_pass.double_backward_active() and _has_fused_lm_head(self):
+            # TRL's fused LM head computes the log-probabilities in a custom autograd kernel with no
+            # double backward; its default loss ("nll") is the model's own causal-LM loss, so the
+            # exact estimator's forward takes that, through the model's plain forward.
+            out = Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+        else:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
         if return_outputs:
             return hessian_pass.mark(out[0]), out[1]
         return hessian_pass.mark(out)
@@ -193,6 +209,11 @@ class AdaHessianTrainerMixin:
                 self.hessian_seconds, 100 * self.hessian_seconds / max(logs["train_runtime"], 1e-9),
             )
         super().log(logs, *args, **kwargs)
+
+
+def _has_fused_lm_head(trainer) -> bool:
+    """A TRL SFTTrainer, which patches the model with a fused LM head (trl.kernels.chunked_logprob)."""
+    return any(c.__name__ == "SFTTrainer" and c.__module__.startswith("trl.") for c in type(trainer).__mro__)
 
 
 def check_model(model: torch.nn.Module) -> None:

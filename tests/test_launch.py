@@ -13,6 +13,7 @@ is mostly interpreter and transformers start-up); the tests read their results.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -54,11 +55,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def causal_lm_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """A tiny GPT-2 folder from the package's builder, and train/validation .txt files."""
+    from hf_adahessian.examples.models import build_model_folder
+
+    words = ["a man", "a dog", "two children", "a woman", "the team", "an old man"]
+    verbs = ["runs", "plays football", "reads a book", "rides a bike", "sings", "walks home"]
+    lines = [f"{w} {v} in the park ." for w in words for v in verbs]
+    train, valid = tmp / "train.txt", tmp / "valid.txt"
+    train.write_text("\n".join(lines * 3) + "\n")
+    valid.write_text("\n".join(lines[::5]) + "\n")
+    folder = build_model_folder("gpt2", str(tmp / "gpt2"), lines, size="tiny", vocab_size=300,
+                                max_position_embeddings=64)
+    return Path(folder), train, valid
+
+
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("launch")
     py, launcher = sys.executable, [sys.executable, "-m", "hf_adahessian.launch"]
+    gpt2, train_txt, valid_txt = causal_lm_files(tmp)
+    clm = [str(SCRIPTS / "stock_clm.py"), "--model_name_or_path", str(gpt2), "--train_file", str(train_txt),
+           "--validation_file", str(valid_txt), "--block_size", "16", "--do_train", "--do_eval",
+           *train_args(tmp / "clm", "adahessian", "0.05"), "--eval_strategy", "no"]
+    sft = [str(SCRIPTS / "stock_sft.py"), "--model_dir", str(gpt2), "--max_length", "16",
+           *train_args(tmp / "sft", "adahessian", "0.05")]
     cmds = {
+        "clm": [*launcher, *clm],
+        "sft_exact": [*launcher, *sft],
+        "sft_fd": [*launcher, *sft, "--optim_args", "hessian_estimator=finite_difference"],
+        "sft_plain_python": [py, *sft],
+        "own_parser": [*launcher, str(SCRIPTS / "own_parser.py"), "--optim", "adahessian"],
         "adahessian": [*launcher, str(STOCK), *train_args(tmp / "a", "adahessian", "0.05")],
         "plain_python": [py, str(STOCK), *train_args(tmp / "b", "adahessian", "0.05")],
         "adamw": [*launcher, str(STOCK), *train_args(tmp / "c", "adamw_torch", "1e-3")],
@@ -165,6 +192,51 @@ def test_accelerate_launch_two_cpu_processes(procs):
         assert r["global_step"] == MAX_STEPS and r["hessian_mean_logged"]
     # The Hessian estimates are averaged across the ranks: both log the same values.
     assert found[0]["hessian_means"] == found[1]["hessian_means"]
+
+
+# ---------------------------------------------------------------------- causal LMs and TRL
+def test_a_stock_style_causal_lm_script_trains_offline_through_the_launcher(procs):
+    """run_clm's shape: Trainer/TrainingArguments from transformers' submodules, load_dataset("text"),
+    blocks of tokens, evaluate.load("accuracy") offline (the launcher's stand-in), perplexity."""
+    (result,) = [json.loads(line[len("RESULT "):]) for line in procs["clm"].stdout.splitlines()
+                 if line.startswith("RESULT ")] or [None]
+    assert result is not None, procs["clm"].stderr[-3000:]
+    assert result["trainer"] == "AdaHessianTrainer" and result["optimizer"] == "AdaHessian"
+    assert result["metric"] == "OfflineMetric('accuracy')"
+    assert result["hessian_updates"] == list(range(1, MAX_STEPS + 1))
+    assert math.isfinite(result["perplexity"]) and 0.0 <= result["eval_accuracy"] <= 1.0
+
+
+def _result(proc):
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.parametrize("run", ["sft_exact", "sft_fd"])
+def test_an_unmodified_trl_sft_script_trains_with_adahessian(procs, run):
+    """TRL's loss runs through its fused LM head, a custom kernel with no double backward: the exact
+    estimator takes the same NLL through the model's plain forward on Hessian micro-batches, finite
+    differences go through TRL's kernel untouched."""
+    pytest.importorskip("trl")
+    result = _result(procs[run])
+    assert result["trainer"] == "AdaHessianSFTTrainer" and result["config"] == "AdaHessianSFTConfig"
+    assert result["optimizer"] == "AdaHessian"
+    assert result["hessian_updates"] == list(range(1, MAX_STEPS + 1))
+    assert all(math.isfinite(loss) for loss in result["losses"])
+
+
+def test_the_trl_script_without_the_launcher_refuses_the_name(procs):
+    pytest.importorskip("trl")
+    proc = procs["sft_plain_python"]
+    assert proc.returncode == 2 and "invalid choice: 'adahessian'" in proc.stderr
+
+
+def test_a_script_out_of_the_launchers_reach_is_told_why(procs):
+    proc = procs["own_parser"]
+    assert proc.returncode == 2
+    assert "invalid choice: 'adahessian'" in proc.stderr
+    assert "AdaHessianTrainingArguments" in proc.stderr.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------- the command line itself

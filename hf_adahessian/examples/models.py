@@ -1,11 +1,18 @@
 """Build a local model folder (config, random weights, trained tokenizer).
 
-No pretrained SqueezeBERT, Marian or T5 checkpoint can be downloaded here, so
+No pretrained SqueezeBERT, Marian, T5 or GPT-2 checkpoint can be downloaded here, so
 scripts train from scratch: this writes a folder that ``--model_name_or_path``
 accepts, with a tokenizer trained by the ``tokenizers`` library on the data.
 
-    python -m hf_adahessian.examples.models --model_type marian --size small \\
+    hf-adahessian-build-model --model_type marian --size small \\
         --train_file ../shared/data/multi30k/train.jsonl --output_dir runs/marian-small
+    hf-adahessian-build-model --model_type gpt2 --size small --train_file corpus.txt --output_dir runs/gpt2-small
+
+Encoders (bert, squeezebert) get a WordPiece tokenizer and a classification (or
+masked-LM) head; seq2seq models (marian, t5, bart) one tokenizer for both
+languages; decoders (gpt2, llama) a byte-level BPE tokenizer and a causal-LM head
+whose output embedding is tied to the input one, as GPT-2 and the small Llamas
+(Llama 3.2 1B/3B) are upstream.
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ from transformers import (
     AutoModelForSequenceClassification,
     BartConfig,
     BertConfig,
+    AutoModelForCausalLM,
     GenerationConfig,
+    GPT2Config,
     HfArgumentParser,
+    LlamaConfig,
     MarianConfig,
     SqueezeBertConfig,
     T5Config,
@@ -41,9 +51,10 @@ logger = logging.getLogger(__name__)
 
 ENCODER_TYPES = ("bert", "squeezebert")
 SEQ2SEQ_TYPES = ("marian", "t5", "bart")
-MODEL_TYPES = ENCODER_TYPES + SEQ2SEQ_TYPES
+DECODER_TYPES = ("gpt2", "llama")
+MODEL_TYPES = ENCODER_TYPES + SEQ2SEQ_TYPES + DECODER_TYPES
 SIZES = ("tiny", "small", "base")
-TASKS = ("auto", "sequence-classification", "masked-lm", "seq2seq-lm")
+TASKS = ("auto", "sequence-classification", "masked-lm", "seq2seq-lm", "causal-lm")
 
 # hidden, layers (per stack), heads, feed-forward, positions, vocab.
 # "small" fits 2 CPU cores (BERT-mini; a 3+3-layer Marian), "base" is the published base size.
@@ -58,6 +69,8 @@ _BASE = {
     "marian": dict(hidden=512, layers=6, heads=8, ffn=2048, positions=512, vocab=32000),  # opus-mt
     "t5": dict(hidden=768, layers=12, heads=12, ffn=3072, positions=512, vocab=32000),  # t5-base, without extra ids
     "bart": dict(hidden=768, layers=6, heads=12, ffn=3072, positions=1024, vocab=50265),  # bart-base
+    "gpt2": dict(hidden=768, layers=12, heads=12, ffn=3072, positions=1024, vocab=50257),  # gpt2 (124M)
+    "llama": dict(hidden=2048, layers=16, heads=32, ffn=8192, positions=2048, vocab=32000),  # ~Llama 3.2 1B shape
 }
 
 
@@ -130,7 +143,38 @@ def _train_seq2seq(model_type: str, texts: list[str], vocab_size: int) -> tuple[
     return tok, names
 
 
+def _train_byte_level_bpe(model_type: str, texts: list[str], vocab_size: int) -> tuple[Tokenizer, dict]:
+    """GPT-2's byte-level BPE (no unknown characters); Llama-style adds <s> before each text."""
+    specials = ["<|endoftext|>"] if model_type == "gpt2" else ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(tokenizer_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if model_type == "gpt2":
+        # GPT-2 has no padding token; like most fine-tuning recipes, pad with end-of-text.
+        return tok, dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                         pad_token="<|endoftext|>")
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    return tok, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
 # ----------------------------------------------------------------------------- configs
+
+
+def _decoder_config(model_type: str, d: dict, vocab: int, ids: dict, tie: bool):
+    if model_type == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_positions=d["positions"], n_embd=d["hidden"], n_layer=d["layers"],
+                          n_head=d["heads"], n_inner=d["ffn"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                          pad_token_id=ids["pad"], tie_word_embeddings=tie)
+    return LlamaConfig(vocab_size=vocab, hidden_size=d["hidden"], intermediate_size=d["ffn"],
+                       num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
+                       num_key_value_heads=max(1, d["heads"] // 4) if d["heads"] % 4 == 0 else d["heads"],
+                       max_position_embeddings=d["positions"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                       pad_token_id=ids["pad"], tie_word_embeddings=tie)
+
 
 
 def _encoder_config(model_type: str, d: dict, vocab: int, pad_id: int, num_labels: int):
@@ -213,22 +257,26 @@ def build_model_folder(
     num_labels: int = 2,
     seed: int = 0,
     max_position_embeddings: int | None = None,
+    tie_word_embeddings: bool = True,
 ) -> str:
     """Train a tokenizer on ``texts``, initialise a model at random and save both to ``output_dir``.
 
     Args:
-        model_type: "bert" or "squeezebert" (encoders, WordPiece tokenizer), or
-            "marian", "t5", "bart" (seq2seq, one tokenizer shared by both languages).
+        model_type: "bert" or "squeezebert" (encoders, WordPiece tokenizer); "marian", "t5",
+            "bart" (seq2seq, one tokenizer shared by both languages); "gpt2" or "llama"
+            (decoders, byte-level BPE).
         output_dir: the folder to write; ``from_pretrained(output_dir)`` loads it.
         texts: training text for the tokenizer; for seq2seq, both sides.
         size: "tiny" (tests), "small" (CPU benchmarks) or "base" (published base sizes).
         vocab_size: tokenizer vocabulary to aim for (the trained one may be smaller
             on little text); defaults to the size's vocabulary.
-        task: "auto" (sequence classification for encoders, seq2seq LM otherwise),
-            "sequence-classification", "masked-lm" or "seq2seq-lm".
+        task: "auto" (sequence classification for encoders, seq2seq LM for seq2seq models,
+            causal LM for decoders), "sequence-classification", "masked-lm", "seq2seq-lm"
+            or "causal-lm".
         num_labels: classes of the classification head (1 for regression).
         seed: seeds the weight initialisation.
         max_position_embeddings: longest input; defaults to the size's.
+        tie_word_embeddings: decoders only: share the input and output embedding.
 
     Returns:
         ``output_dir``.
@@ -239,11 +287,13 @@ def build_model_folder(
         raise ValueError(f"unknown size {size!r}; valid: {', '.join(SIZES)}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-    is_encoder = model_type in ENCODER_TYPES
+    kind = "encoder" if model_type in ENCODER_TYPES else "seq2seq" if model_type in SEQ2SEQ_TYPES else "decoder"
     if task == "auto":
-        task = "sequence-classification" if is_encoder else "seq2seq-lm"
-    if is_encoder == (task == "seq2seq-lm"):
-        raise ValueError(f"task {task!r} does not fit model_type {model_type!r}")
+        task = {"encoder": "sequence-classification", "seq2seq": "seq2seq-lm", "decoder": "causal-lm"}[kind]
+    fits = {"encoder": ("sequence-classification", "masked-lm"), "seq2seq": ("seq2seq-lm",),
+            "decoder": ("causal-lm",)}[kind]
+    if task not in fits:
+        raise ValueError(f"task {task!r} does not fit model_type {model_type!r} (use {' or '.join(fits)})")
     if isinstance(texts, str):
         raise TypeError("texts must be an iterable of strings, not one string")
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
@@ -255,30 +305,37 @@ def build_model_folder(
         d["positions"] = max_position_embeddings
     target_vocab = vocab_size or d["vocab"]
 
-    if is_encoder:
+    if kind == "encoder":
         tok, names = _train_wordpiece(texts, target_vocab)
-    else:
+    elif kind == "seq2seq":
         tok, names = _train_seq2seq(model_type, texts, target_vocab)
+    else:
+        tok, names = _train_byte_level_bpe(model_type, texts, target_vocab)
     # TokenizersBackend is 5.x's PreTrainedTokenizerFast: it saves tokenizer.json as is,
     # so AutoTokenizer reloads exactly this pipeline whatever the model_type maps to.
     tokenizer = TokenizersBackend(
         tokenizer_object=tok, model_max_length=d["positions"], clean_up_tokenization_spaces=False, **names
     )
     vocab = len(tokenizer)
+    ids = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
 
     # Seed the initialisation without moving the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if is_encoder:
+        if kind == "encoder":
             config = _encoder_config(model_type, d, vocab, tokenizer.pad_token_id, num_labels)
             auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForMaskedLM
             model = auto.from_config(config)
-        else:
-            ids = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+        elif kind == "seq2seq":
             config = _seq2seq_config(model_type, d, vocab, ids)
             model = AutoModelForSeq2SeqLM.from_config(config)
             model.generation_config = _generation_config(model_type, config, ids, d["positions"])
+        else:
+            config = _decoder_config(model_type, d, vocab, ids, tie_word_embeddings)
+            model = AutoModelForCausalLM.from_config(config)
 
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        logger.warning("%s is not empty: its config, weights and tokenizer files are overwritten", output_dir)
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -291,7 +348,7 @@ def build_model_folder(
 
 
 def read_texts(path: str, model_type: str, text_columns: list[str] | None = None, max_samples: int | None = None):
-    """The tokenizer's training text from a csv or JSON-lines file.
+    """The tokenizer's training text from a .txt (a text per line), csv or JSON-lines file.
 
     ``text_columns`` picks columns; otherwise a ``translation`` dict gives all its
     languages (seq2seq), and failing that every column holding non-numeric text.
@@ -319,6 +376,13 @@ def read_texts(path: str, model_type: str, text_columns: list[str] | None = None
 
 def _read_rows(path: str):
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".txt":
+        # Plain text, as run_clm reads it: one text per non-empty line.
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield {"text": line.rstrip("\n")}
+        return
     if ext in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8") as f:
             yield from csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
@@ -331,7 +395,7 @@ def _read_rows(path: str):
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{line_no}: not JSON lines ({err.msg})") from None
     else:
-        raise ValueError(f"train_file must be a csv or JSON-lines file, got {path}")
+        raise ValueError(f"train_file must be a .txt, csv or JSON-lines file, got {path}")
 
 
 def _is_text(value) -> bool:
@@ -353,7 +417,8 @@ class BuildModelArguments:
     """Arguments of ``hf-adahessian-build-model``."""
 
     model_type: str = field(metadata={"help": f"One of: {', '.join(MODEL_TYPES)}."})
-    train_file: str = field(metadata={"help": "csv or JSON-lines file whose text trains the tokenizer."})
+    train_file: str = field(metadata={"help": ".txt (a text per line), csv or JSON-lines file whose text trains "
+                                              "the tokenizer."})
     output_dir: str = field(metadata={"help": "Folder to write (config, weights, tokenizer)."})
     size: str = field(default="tiny", metadata={"help": f"One of: {', '.join(SIZES)}."})
     vocab_size: int | None = field(default=None, metadata={"help": "Tokenizer vocabulary to aim for; unset: by size."})
@@ -366,6 +431,7 @@ class BuildModelArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Read only the first N rows."})
     max_position_embeddings: int | None = field(default=None, metadata={"help": "Longest input; unset: by size."})
     seed: int = field(default=0, metadata={"help": "Seed of the weight initialisation."})
+    tie_word_embeddings: bool = field(default=True, metadata={"help": "Decoders: share input and output embedding."})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -393,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
             num_labels=args.num_labels,
             seed=args.seed,
             max_position_embeddings=args.max_position_embeddings,
+            tie_word_embeddings=args.tie_word_embeddings,
         )
     except (ValueError, OSError) as err:
         sys.exit(f"{parser.prog}: error: {err}")
