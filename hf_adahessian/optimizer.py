@@ -90,6 +90,15 @@ class AdaHessian(Optimizer):
         hessian_power: k in (√v̂)^k, in [0, 1]; 1 is AdaHessian, 0 is Adam-like momentum SGD.
         hessian_interval: estimate the Hessian on steps 1, 1+N, 1+2N, …; in between the
             last v is reused and no Hessian pass is needed.
+        hessian_warmup: estimate the Hessian on each of the first W steps, then every
+            ``hessian_interval`` (W+1, W+1+N, …): curvature changes fastest early, above all
+            while a new head is still random.
+        stale_guard: between Hessian steps, multiply each tensor's denominator by how much
+            the (moving average of the) norm of its gradient has grown since its last
+            estimate, never by less than 1, so that a stale, too small curvature does not
+            drive steps the fresh one would not; inert when every step has a Hessian.
+        update_clip: bound each coordinate's m̂/denominator to [−c, c] (as Sophia does), so a
+            step moves no coordinate by more than lr·c; None: unbounded (the paper's).
         n_samples: Rademacher probes per Hessian estimate.
         block_size: average |D| over contiguous blocks of this size along the last
             dimension of tensors with two or more dims (32 in the transformer recipe).
@@ -114,6 +123,9 @@ class AdaHessian(Optimizer):
         weight_decay: float = 0.0,
         hessian_power: float = 1.0,
         hessian_interval: int = 1,
+        hessian_warmup: int = 0,
+        stale_guard: bool = False,
+        update_clip: float | None = None,
         n_samples: int = 1,
         block_size: int = 1,
         average_conv_kernel: bool = True,
@@ -125,7 +137,8 @@ class AdaHessian(Optimizer):
     ):
         try:
             check_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, block_size)
-            check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step)
+            check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step,
+                                            hessian_warmup, update_clip)
         except HyperparameterError as err:
             raise ValueError(f"AdaHessian: {err}") from None
         defaults = dict(
@@ -134,6 +147,9 @@ class AdaHessian(Optimizer):
         )
         super().__init__(params, defaults)
         self.hessian_interval = hessian_interval
+        self.hessian_warmup = hessian_warmup
+        self.stale_guard = stale_guard
+        self.update_clip = update_clip
         self.n_samples = n_samples
         self.hessian_estimator = hessian_estimator
         self.fd_scheme = fd_scheme
@@ -172,7 +188,8 @@ class AdaHessian(Optimizer):
     # ------------------------------------------------------------------ Hessian input
     def is_hessian_step(self) -> bool:
         """Whether the next ``step()`` updates the Hessian moving average."""
-        return self.stats.step % self.hessian_interval == 0
+        step = self.stats.step
+        return step < self.hessian_warmup or (step - self.hessian_warmup) % self.hessian_interval == 0
 
     def needs_catch_up(self) -> bool:
         """Whether a parameter with a gradient now has never had a curvature estimate.
@@ -264,26 +281,31 @@ class AdaHessian(Optimizer):
 
         # One host sync per step: is the gradient finite; on Hessian steps, is the
         # estimate, and which tensors did it observe only in part.
-        checks = [torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()] if grads else []
+        norms = [n.float() for n in torch._foreach_norm(grads)] if grads else []
+        checks = [torch.stack(norms).sum()] if grads else []
         for d, rows in diags.values():
             checks += [d.sum().float(), rows.logical_not().sum().float()]
+        if self.stale_guard:
+            checks += norms
         device = checks[0].device if checks else None
         values = torch.stack([c.to(device) for c in checks]).tolist() if checks else []
         if grads and not math.isfinite(values[0]):
             # A bad batch: nothing moves, nothing is counted as done, the next step redoes this one.
             self.stats.skipped_steps += 1
             return loss
-        observed = self._observed_or_skip(estimate, diags, values[1 if grads else 0:])
+        observed = self._observed_or_skip(estimate, diags, values[1 if grads else 0:1 + 2 * len(diags)])
+        grad_norms = dict(zip(grads, values[1 + 2 * len(diags):])) if self.stale_guard else {}
         self.stats.step += 1
 
         for group in self.param_groups:
-            lists = self._init_group(group, observed)
+            lists = self._init_group(group, observed, grad_norms)
             if not lists[0]:
                 continue
             beta1, beta2 = group["betas"]
             adahessian(
                 *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"], foreach=group["foreach"],
+                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
+                update_clip=self.update_clip, foreach=group["foreach"],
             )
         return loss
 
@@ -329,9 +351,10 @@ class AdaHessian(Optimizer):
                 observed[p] = (d, rows)
         return observed
 
-    def _init_group(self, group: dict, observed: dict) -> tuple[list, ...]:
+    def _init_group(self, group: dict, observed: dict, grad_norms: dict) -> tuple[list, ...]:
         """The group's lists for the functional core, making state on a parameter's first step."""
-        params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps = ([] for _ in range(9))
+        params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales = ([] for _ in range(10))
+        beta1 = group["betas"][0]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -351,6 +374,8 @@ class AdaHessian(Optimizer):
                 state["hessian_step"] += 1
                 if "row_hessian_steps" in state:
                     state["row_hessian_steps"].add_(1.0 if rows is None else rows.to(torch.float32))
+            scales.append(self._stale_scale(state, grad_norms[p.grad], d is not None, beta1, group["hessian_power"])
+                          if p.grad in grad_norms else 1.0)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -360,7 +385,25 @@ class AdaHessian(Optimizer):
             row_steps.append(state.get("row_hessian_steps"))
             steps.append(state["step"])
             hsteps.append(state["hessian_step"])
-        return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps
+        return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales
+
+    @staticmethod
+    def _stale_scale(state: dict, grad_norm: float, estimated: bool, beta1: float, hessian_power: float) -> float:
+        """``stale_guard``: the growth of the gradient's scale since the tensor's last estimate, at least 1.
+
+        Through a linear head, the gradient upstream grows with the head's weights and the
+        curvature with their square, so √v grows as the gradient does: what the gradient
+        grew by, the stale denominator is short of.  An average of norms (β1, as m) keeps
+        one noisy batch from counting as growth.
+        """
+        ema = beta1 * state.get("grad_norm_avg", 0.0) + (1 - beta1) * grad_norm
+        state["grad_norm_avg"] = ema
+        current = ema / (1 - beta1 ** state["step"])
+        if estimated or "grad_norm_at_estimate" not in state:
+            state["grad_norm_at_estimate"] = current
+            return 1.0
+        reference = state["grad_norm_at_estimate"]
+        return max(1.0, current / reference) ** hessian_power if reference > 0 else 1.0
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -432,6 +475,7 @@ def adahessian(
     row_hessian_steps: list[torch.Tensor | None],
     steps: list[int],
     hessian_steps: list[int],
+    denominator_scales: list[float] | None = None,
     *,
     lr: float,
     beta1: float,
@@ -439,6 +483,7 @@ def adahessian(
     eps: float,
     weight_decay: float,
     hessian_power: float,
+    update_clip: float | None = None,
     foreach: bool | None = None,
 ) -> None:
     """One AdaHessian update of ``params`` in place; moments are fp32.
@@ -449,24 +494,29 @@ def adahessian(
     (v moves only there).  ``row_hessian_steps[i]`` is None while every row has
     been seen on each of the tensor's Hessian steps, else each row's count.  A
     parameter whose v has never been updated only accumulates momentum: with
-    v = 0 its step would be m/eps.
+    v = 0 its step would be m/eps.  ``denominator_scales[i]`` multiplies parameter i's
+    (√v̂)^k (the stale guard; 1 by default); ``update_clip`` bounds m̂/denominator.
     """
     if foreach is None:
         foreach = _default_foreach(params)
+    if denominator_scales is None:
+        denominator_scales = [1.0] * len(params)
     fn = _multi_tensor_adahessian if foreach else _single_tensor_adahessian
     fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_hessian_steps, steps,
-       hessian_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-       hessian_power=hessian_power)
+       hessian_steps, denominator_scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+       hessian_power=hessian_power, update_clip=update_clip)
 
 
-def _power_plus_eps_(v_hat: torch.Tensor, hessian_power: float, eps: float) -> torch.Tensor:
-    """(√v̂)^k + eps, in place."""
+def _power_plus_eps_(v_hat: torch.Tensor, hessian_power: float, eps: float, scale: float = 1.0) -> torch.Tensor:
+    """scale·(√v̂)^k + eps, in place."""
     if hessian_power == 1.0:
         v_hat.sqrt_()
     elif hessian_power == 0.0:
         v_hat.fill_(1.0)
     else:
         v_hat.pow_(hessian_power / 2)
+    if scale != 1.0:
+        v_hat.mul_(scale)
     return v_hat.add_(eps)
 
 
@@ -483,22 +533,22 @@ def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta
 
 
 def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2: float, hessian_power: float,
-                 eps: float) -> torch.Tensor:
-    """(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen."""
+                 eps: float, scale: float = 1.0) -> torch.Tensor:
+    """scale·(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen."""
     if row_steps is None:
-        return _power_plus_eps_(v.div(1 - beta2**s), hessian_power, eps)
+        return _power_plus_eps_(v.div(1 - beta2**s), hessian_power, eps, scale)
     counts = _row_view(row_steps, v)
     seen = counts > 0
     v_hat = v / (1 - torch.full_like(counts, beta2).pow_(counts))
     v_hat = torch.where(seen, v_hat, 0.0)
     fallback = v_hat.sum() / seen.expand_as(v).sum()
-    return _power_plus_eps_(torch.where(seen, v_hat, fallback), hessian_power, eps)
+    return _power_plus_eps_(torch.where(seen, v_hat, fallback), hessian_power, eps, scale)
 
 
-def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, *,
-                              lr, beta1, beta2, eps, weight_decay, hessian_power):
-    for p, g, m, v, d, rows, counts, t, s in zip(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps,
-                                                 hsteps):
+def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, scales, *,
+                              lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip):
+    for p, g, m, v, d, rows, counts, t, s, scale in zip(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps,
+                                                        steps, hsteps, scales):
         m.lerp_(g.to(m.dtype), 1 - beta1)
         if d is not None:
             _update_v_(v, d, rows, beta2)
@@ -507,26 +557,30 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, ro
         p32 = p if p.dtype == _state_dtype(p) else p.float()
         if weight_decay:
             p32.mul_(1 - lr * weight_decay)
-        denom = _denominator(v, s, counts, beta2, hessian_power, eps)
-        p32.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+        denom = _denominator(v, s, counts, beta2, hessian_power, eps, scale)
+        if update_clip is None:
+            p32.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+        else:
+            ratio = torch.div(m, denom, out=denom).mul_(1 / (1 - beta1**t)).clamp_(-update_clip, update_clip)
+            p32.add_(ratio, alpha=-lr)
         if p32 is not p:
             p.copy_(p32)
 
 
-def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, *,
-                             lr, beta1, beta2, eps, weight_decay, hessian_power):
+def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, scales, *,
+                             lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip):
     # Tensors whose rows were seen unevenly (embeddings under partial coverage) are few:
     # they take the for-loop; the rest go through the foreach kernels.
     uneven = [i for i in range(len(params)) if rows_seen[i] is not None or row_steps[i] is not None]
     if uneven:
         pick = lambda xs: [xs[i] for i in uneven]  # noqa: E731
         _single_tensor_adahessian(*(pick(xs) for xs in (params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps,
-                                                        steps, hsteps)),
+                                                        steps, hsteps, scales)),
                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                  hessian_power=hessian_power)
+                                  hessian_power=hessian_power, update_clip=update_clip)
         even = [i for i in range(len(params)) if i not in set(uneven)]
-        params, grads, exp_avgs, exp_hs, ds, steps, hsteps = (
-            [xs[i] for i in even] for xs in (params, grads, exp_avgs, exp_hs, ds, steps, hsteps))
+        params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales = (
+            [xs[i] for i in even] for xs in (params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales))
     if not params:
         return
     grads32 = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
@@ -551,9 +605,21 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
         denoms = [torch.ones_like(x) for x in denoms]
     else:
         torch._foreach_pow_(denoms, hessian_power / 2)
+    live_scales = [scales[i] for i in live]
+    if any(scale != 1.0 for scale in live_scales):
+        torch._foreach_mul_(denoms, live_scales)
     torch._foreach_add_(denoms, eps)
-    torch._foreach_addcdiv_(p32s, [exp_avgs[i] for i in live], denoms,
-                            [-lr / (1 - beta1 ** steps[i]) for i in live])
+    step_sizes = [-lr / (1 - beta1 ** steps[i]) for i in live]
+    if update_clip is None:
+        torch._foreach_addcdiv_(p32s, [exp_avgs[i] for i in live], denoms, step_sizes)
+    else:
+        # m̂/denominator into the denominators' scratch, bounded, then the step.
+        ratios = torch._foreach_div([exp_avgs[i] for i in live], denoms)
+        del denoms
+        torch._foreach_mul_(ratios, [1 / (1 - beta1 ** steps[i]) for i in live])
+        torch._foreach_clamp_min_(ratios, -update_clip)
+        torch._foreach_clamp_max_(ratios, update_clip)
+        torch._foreach_add_(p32s, ratios, alpha=-lr)
     low = [(p, p32) for p, p32 in zip(ps, p32s) if p32 is not p]
     if low:
         torch._foreach_copy_([p for p, _ in low], [p32 for _, p32 in low])

@@ -824,3 +824,79 @@ def test_the_standalone_step_on_attention_without_a_double_backward_names_the_fi
         model(**batch).loss.backward(create_graph=True)
     opt.step()
     assert opt.counters["hessian_updates"] == 1
+
+
+# =====================================================================================
+# Lazy Hessians: a schedule, a guard on stale curvature, a bounded update
+# =====================================================================================
+def test_hessian_warmup_estimates_every_step_first_then_every_interval():
+    p = torch.zeros(3, requires_grad=True)
+    opt = AdaHessian([p], hessian_interval=4, hessian_warmup=3, seed=0)
+    schedule = []
+    for _ in range(12):
+        schedule.append(opt.is_hessian_step())
+        opt.zero_grad()
+        _backward_for(opt, ((p - 1) ** 4).sum())
+        opt.step()
+    # Steps 1, 2, 3 (warm-up), then 4, 8, 12.
+    assert [i + 1 for i, h in enumerate(schedule) if h] == [1, 2, 3, 4, 8, 12]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_the_stale_guard_and_the_update_clip_leave_the_papers_rule_alone_where_they_do_not_bind(foreach):
+    """At hessian_interval=1 the stale guard's factor is 1 on every step: bit for bit the plain
+    optimizer; a clip far above every |m̂/denominator| clips nothing: the same steps up to the
+    rounding of dividing before multiplying (addcdiv fuses them)."""
+    runs = []
+    for extra in ({}, {"stale_guard": True}, {"update_clip": 1e6}):
+        model = tiny_mlp(0)
+        _train(model, AdaHessian(model.parameters(), lr=0.05, seed=0, foreach=foreach, **extra), 5)
+        runs.append(clone_params(model))
+    assert_all_equal(runs[1], runs[0], "parameter")
+    for a, b in zip(runs[2], runs[0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_stale_guard_divides_by_the_growth_of_the_gradient_since_the_estimate():
+    """f(p) = ½ a p², Hessian a at step 1; then the loss is scaled up tenfold (as a growing head scales
+    the curvature upstream): between estimates the guard's denominator grows with the gradient's
+    running norm (β1 = 0, so the norm itself), and the step stays the size the fresh estimate gives."""
+    a = torch.tensor([2.0, 0.5])
+    results = {}
+    for guard in (False, True):
+        p = torch.tensor([1.0, -1.0], requires_grad=True)
+        opt = AdaHessian([p], lr=0.1, betas=(0.0, 0.9), hessian_interval=10, stale_guard=guard, seed=0)
+        _backward_for(opt, (0.5 * a * p * p).sum())
+        opt.step()
+        opt.zero_grad()
+        before = p.detach().clone()
+        scale = 10.0
+        _backward_for(opt, (0.5 * scale * a * p * p).sum())
+        opt.step()
+        results[guard] = (p.detach() - before, before)
+    plain, guarded = results[False][0], results[True][0]
+    # The fresh curvature is scale·a: the guarded step is the plain one divided by the gradient growth.
+    growth = (scale * a * results[True][1]).norm() / (a * torch.tensor([1.0, -1.0])).norm()
+    torch.testing.assert_close(guarded, plain / growth, rtol=1e-3, atol=1e-7)
+    assert guarded.abs().max() < plain.abs().max() / 5
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_update_clip_bounds_every_coordinates_step_by_lr_times_the_clip(foreach):
+    """A coordinate with almost no curvature (v ≈ 0) takes lr·m̂/eps, huge; with update_clip=c no
+    coordinate moves by more than lr·c (weight decay aside), and well-curved ones are untouched."""
+    lr, clip = 0.1, 2.0
+    steps = {}
+    for c in (None, clip):
+        p = torch.tensor([1.0, 1.0], requires_grad=True)
+        opt = AdaHessian([p], lr=lr, update_clip=c, seed=0, foreach=foreach)
+        opt.zero_grad()
+        _backward_for(opt, (2.0 * p[0] ** 2 + 1e-3 * p[1] + 1e-12 * p[1] ** 2))
+        before = p.detach().clone()
+        opt.step()
+        steps[c] = (p.detach() - before).abs()
+    # The flat coordinate: lr·m̂/(√v̂ + eps) = 0.1·1e-3/(2e-12 + 1e-4) = 1.0, ten times the curved one's.
+    assert steps[None][1].item() == pytest.approx(1.0, rel=1e-4)
+    assert steps[clip][1].item() == pytest.approx(lr * clip)
+    # The curved one (m̂/√v̂ = 1): not clipped.
+    assert steps[clip][0] == steps[None][0] == pytest.approx(lr, rel=1e-3)
