@@ -27,7 +27,8 @@ import time
 from typing import Any
 
 import torch
-from transformers import Seq2SeqTrainer, Trainer
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from . import hessian_pass
 from .arguments import is_adahessian, settings_of
@@ -52,6 +53,8 @@ class AdaHessianTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if is_adahessian(self.args):
+            self.add_callback(HessianProgress(self.callback_handler))
         if is_adahessian(self.args) and self.model is not None:
             check_model(self.model)
             exact = settings_of(self.args).optimizer_kwargs["hessian_estimator"] == "exact"
@@ -209,6 +212,25 @@ class AdaHessianTrainerMixin:
                 self.hessian_seconds, 100 * self.hessian_seconds / max(logs["train_runtime"], 1e-9),
             )
         super().log(logs, *args, **kwargs)
+
+
+class HessianProgress(TrainerCallback):
+    """AdaHessian's statistics beside the Trainer's progress bar, updated on every step.
+
+    The logs carry them every ``--logging_steps`` (to the console, trainer_state.json and
+    ``--report_to``); the bar shows them as the run goes, whatever the logging interval.
+    """
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        bar = next((getattr(c, "training_bar", None) for c in self.handler.callbacks
+                    if isinstance(c, ProgressCallback)), None)
+        stats = getattr(getattr(optimizer, "optimizer", optimizer), "stats", None)
+        if bar is not None and stats is not None:
+            bar.set_postfix(hessian_mean=f"{stats.last_hessian_mean:.3g}", hessian_updates=stats.hessian_updates,
+                            refresh=False)
 
 
 def _has_fused_lm_head(trainer) -> bool:
