@@ -12,7 +12,7 @@ from typing import Mapping
 
 from . import report, stats
 from .options import parse_lr_grid, parse_lr_overrides, pick_optimizers
-from .runs import Run, fresh_run_dir, run_child, schedule_args
+from .runs import Run, fresh_run_dir, run_child, schedule_args, warmup_steps
 from .specs import BASELINE, Budget, Experiment, OptimizerSpec
 
 
@@ -70,7 +70,8 @@ def run_comparison(experiment: Experiment, runs: list[Run], args, budget: Budget
     runs_dir = out_dir / "runs"  # git-ignored: Trainer output folders, logs, the partial results
     meta = {
         "benchmark": experiment.title, "name": experiment.name, "kind": kind(args), "quick": args.quick,
-        "budget": dataclasses.asdict(budget), "seeds": args.seeds, "eval_every": args.eval_every,
+        "budget": dataclasses.asdict(budget), "budgets": dataclasses.asdict(experiment.budgets),
+        "warmup_steps": warmup_steps(budget), "seeds": args.seeds, "eval_every": args.eval_every,
         "metric": dataclasses.asdict(experiment.metric), "script": experiment.script,
         "optimizers": {r.spec.name: r.spec.to_json() for r in runs},
         **report.provenance(args.threads, module), **(extra_meta or {}),

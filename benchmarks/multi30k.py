@@ -89,7 +89,6 @@ def main() -> None:
             "--max_source_length", "64", "--max_target_length", "64", "--generation_max_length", "64",
             "--num_beams", "1", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
         ),
-        optimizers=OPTIMIZERS, default_optimizers=DEFAULT,
     )
     comparison.run_comparison(
         experiment, runs, args, budget, env, out_dir, MODULE,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -119,12 +118,6 @@ class OptimizerSpec:
             args += ["--optim_args", ",".join(f"{k}={_value(v)}" for k, v in self.optim_args.items())]
         return args
 
-    def settings(self) -> str:
-        """The knobs in one line, for tables."""
-        if self.path == "loop":
-            return f"{self.peer_class} {json.dumps(dict(self.peer_kwargs))}"
-        return " ".join(self.script_args()[1:]) if self.optim_args else "–"
-
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -141,6 +134,9 @@ def _value(v) -> str:
 class Experiment:
     """A comparison's fixed parts: the script and its own arguments, the metric, the budgets.
 
+The optimizers are the benchmark's registry (``specs.registry``), planned into runs
+by ``comparison.plan`` before the experiment is built.
+
     ``script_args`` are the script's task arguments (model, data, lengths, batch sizes);
     ``runs.schedule_args`` adds the budget, the seed and the output folder of each run.
     """
@@ -151,8 +147,6 @@ class Experiment:
     metric: Metric
     budgets: Budgets
     script_args: tuple[str, ...]
-    optimizers: Mapping[str, OptimizerSpec]
-    default_optimizers: tuple[str, ...]
 
 
 def registry(*specs: OptimizerSpec) -> dict[str, OptimizerSpec]:

@@ -80,7 +80,6 @@ def main() -> None:
             "--do_train", "--do_eval",
             "--max_seq_length", "64", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
         ),
-        optimizers=OPTIMIZERS, default_optimizers=DEFAULT,
     )
     comparison.run_comparison(
         experiment, runs, args, budget, child_env(args.threads, data.datasets_cache), out_dir, MODULE,
