@@ -5,7 +5,7 @@ pieces wherever the Trainer would: its train dataloader (same tokenization, same
 its per-epoch ``set_epoch``), ``get_scheduler`` with its schedule and warm-up, clipping at
 ``max_grad_norm``, and its ``evaluate()`` every ``eval_steps`` with ``--eval_strategy steps``.
 A step is ``steps.backward_step``: on the steps on which the optimizer estimates a Hessian
-(0, N, 2N, …) ``backward(create_graph=True)`` under ``hessian_pass.double_backward_ready``,
+(:func:`hessian_step`) ``backward(create_graph=True)`` under ``hessian_pass.double_backward_ready``,
 as the Trainer's Hessian step runs its forward; then ``step()`` and ``zero_grad``.
 """
 
@@ -26,6 +26,14 @@ def eval_interval(args) -> int | None:
         return None
     steps = args.eval_steps
     return int(steps) if steps >= 1 else max(1, math.ceil(steps * args.max_steps))
+
+
+def hessian_step(optimizer, step: int, interval: int | None) -> bool:
+    """Whether this step needs ``backward(create_graph=True)``: the optimizer's own word when it has one
+    (this package's AdaHessian, whose schedule has a warm-up), else steps 0, N, 2N, …"""
+    if hasattr(optimizer, "is_hessian_step"):
+        return bool(optimizer.is_hessian_step())
+    return bool(interval) and step % interval == 0
 
 
 def set_epoch(dataloader, epoch: int) -> None:
@@ -56,7 +64,7 @@ def plain_loop(trainer, spec: OptimizerSpec, recorder: Recorder):
     while step < max_steps:
         set_epoch(dataloader, epoch)
         for inputs in dataloader:
-            hessian = bool(interval) and step % interval == 0
+            hessian = hessian_step(optimizer, step, interval)
             recorder.batch(inputs)
             recorder.step_begin()
             timer = PhaseTimer()

@@ -1,10 +1,14 @@
 """Typed specs of what a benchmark runs: optimizers, metric, budgets, the experiment.
 
-An :class:`OptimizerSpec` spells out every knob of the optimizer it names, and its name
-says every knob that differs from :data:`NAME_REFERENCE` (the optimizer's defaults in
-hf_adahessian 0.2): the names are made from the knobs by :func:`adahessian` and
-:func:`adahessian_loop`, so they cannot drift apart. ``adahessian_h1_p05_b32`` is
-``hessian_interval=1,hessian_power=0.5,block_size=32``, the rest at the reference.
+An :class:`OptimizerSpec` spells out every knob of the optimizer it names: an AdaHessian
+spec lists every ``--optim_args`` key the package accepts (``hf_adahessian.arguments.OPTIM_ARGS``,
+read from ``AdaHessian.__init__``'s signature), so a default that changes in the library
+does not change what a benchmark runs. Its name says every knob that differs from
+:data:`NAME_REFERENCE` (the optimizer's defaults when the names were fixed; a key the
+library adds later is referenced to its default then): the names are made from the knobs
+by :func:`adahessian` and :func:`adahessian_loop`, so they cannot drift apart.
+``adahessian_h1_p05_b32`` is ``hessian_interval=1,hessian_power=0.5,block_size=32``, the
+rest at the reference.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any, Literal, Mapping
 
 BASELINE = "adamw_torch"
 
-# The values a name leaves unsaid, and the suffix that says any other value.
+# The values a name leaves unsaid (in the order the suffixes are written), and the suffix
+# that says any other value; hessian_interval is always said, as _h<N>.
 NAME_REFERENCE: dict[str, Any] = {
     "hessian_power": 1.0,
     "block_size": 1,
@@ -25,6 +30,13 @@ NAME_REFERENCE: dict[str, Any] = {
     "eps": 1e-4,
     "hessian_estimator": "exact",
     "hessian_chunks": 1,
+    "hessian_warmup": 0,
+    "stale_guard": False,
+    "update_clip": None,
+    "fd_scheme": "forward",
+    "fd_step": None,
+    "average_conv_kernel": True,
+    "foreach": None,
 }
 _SUFFIX = {
     "hessian_power": lambda v: "p" + f"{v:g}".replace(".", ""),
@@ -32,9 +44,18 @@ _SUFFIX = {
     "hessian_batch_fraction": lambda v: f"f{round(100 * v)}",
     "n_samples": lambda v: f"n{v}",
     "eps": lambda v: f"eps{v:g}",
-    "hessian_estimator": lambda v: {"finite_difference": "fd"}[v],
+    "hessian_estimator": lambda v: {"finite_difference": "fd"}.get(v, v),
     "hessian_chunks": lambda v: f"c{v}",
+    "hessian_warmup": lambda v: f"w{v}",
+    "stale_guard": lambda v: "sg" if v else "nosg",
+    "update_clip": lambda v: f"uc{v:g}",
+    "fd_scheme": lambda v: f"fd{v}",
+    "fd_step": lambda v: f"fds{v:g}",
+    "average_conv_kernel": lambda v: "conv" if v else "noconv",
+    "foreach": lambda v: "foreach" if v else "noforeach",
 }
+# Trainer-side keys: not the optimizer's, so not the plain loop's.
+TRAINER_KEYS = ("hessian_batch_fraction", "hessian_chunks")
 
 
 @dataclass(frozen=True)
@@ -160,12 +181,31 @@ def registry(*specs: OptimizerSpec) -> dict[str, OptimizerSpec]:
 # ----------------------------------------------------------------------------- constructors
 
 
-def _knobs(**given) -> dict[str, Any]:
-    return {**NAME_REFERENCE, **given}
+def library_knobs() -> dict[str, Any]:
+    """Every ``--optim_args`` key of the installed package with its default, in the naming order."""
+    from hf_adahessian.arguments import OPTIM_ARGS
+
+    defaults = {k: default for k, (_kind, default) in OPTIM_ARGS.items() if k != "hessian_interval"}
+    order = [k for k in NAME_REFERENCE if k in defaults] + [k for k in defaults if k not in NAME_REFERENCE]
+    return {k: defaults[k] for k in order}
+
+
+def _knobs(given: Mapping[str, Any], drop=()) -> dict[str, Any]:
+    """Every knob: the given ones, the rest at the name's reference (or the library's default)."""
+    library = library_knobs()
+    unknown = set(given) - set(library)
+    if unknown:
+        raise ValueError(f"unknown AdaHessian knobs {sorted(unknown)}; the package accepts {sorted(library)}")
+    return {k: given.get(k, NAME_REFERENCE.get(k, default)) for k, default in library.items() if k not in drop}
 
 
 def _suffixes(knobs: Mapping[str, Any]) -> str:
-    return "".join(f"_{_SUFFIX[k](v)}" for k, v in knobs.items() if k in _SUFFIX and v != NAME_REFERENCE[k])
+    library = library_knobs()
+    parts = []
+    for k, v in knobs.items():
+        if v != NAME_REFERENCE.get(k, library.get(k)):
+            parts.append(_SUFFIX[k](v) if k in _SUFFIX else f"{k}{v}")
+    return "".join(f"_{p}" for p in parts)
 
 
 def adamw(lr: float, grid) -> OptimizerSpec:
@@ -174,10 +214,7 @@ def adamw(lr: float, grid) -> OptimizerSpec:
 
 def adahessian(interval: int, lr: float, grid, note: str = "", **knobs) -> OptimizerSpec:
     """``--optim adahessian`` with every knob explicit; the name says the ones off the reference."""
-    unknown = set(knobs) - set(NAME_REFERENCE)
-    if unknown:
-        raise ValueError(f"unknown AdaHessian knobs {sorted(unknown)}")
-    all_knobs = _knobs(**knobs)
+    all_knobs = _knobs(knobs)
     name = f"adahessian_h{interval}" + _suffixes(all_knobs)
     return OptimizerSpec(name, lr, grid, "trainer", interval, optim="adahessian",
                          optim_args={"hessian_interval": interval, **all_knobs}, note=note)
@@ -185,10 +222,9 @@ def adahessian(interval: int, lr: float, grid, note: str = "", **knobs) -> Optim
 
 def adahessian_loop(interval: int, lr: float, grid, note: str = "", **knobs) -> OptimizerSpec:
     """This package's AdaHessian in the plain loop (standalone ``backward(create_graph=True)`` path)."""
-    trainer_only = {"hessian_batch_fraction", "hessian_chunks"}
-    if set(knobs) & trainer_only:
-        raise ValueError(f"{sorted(set(knobs) & trainer_only)} belong to the Trainer path")
-    all_knobs = {k: v for k, v in _knobs(**knobs).items() if k not in trainer_only}
+    if set(knobs) & set(TRAINER_KEYS):
+        raise ValueError(f"{sorted(set(knobs) & set(TRAINER_KEYS))} belong to the Trainer path")
+    all_knobs = _knobs(knobs, drop=TRAINER_KEYS)
     name = f"adahessian_loop_h{interval}" + _suffixes(all_knobs)
     return OptimizerSpec(name, lr, grid, "loop", interval, peer_class="hf_adahessian.AdaHessian",
                          peer_kwargs={"hessian_interval": interval, **all_knobs}, seed_kwarg="seed", note=note)
