@@ -350,7 +350,8 @@ def build_model_folder(
 def read_texts(path: str, model_type: str, text_columns: list[str] | None = None, max_samples: int | None = None):
     """The tokenizer's training text from a .txt (a text per line), csv or JSON-lines file.
 
-    ``text_columns`` picks columns; otherwise a ``translation`` dict gives all its
+    ``text_columns`` picks columns (``translation.en``: one field of a dict column; a dict
+    column itself gives all its fields); otherwise a ``translation`` dict gives all its
     languages (seq2seq), and failing that every column holding non-numeric text.
     """
     if not os.path.isfile(path):
@@ -361,10 +362,16 @@ def read_texts(path: str, model_type: str, text_columns: list[str] | None = None
         if max_samples is not None and i >= max_samples:
             break
         if text_columns:
-            missing = [c for c in text_columns if c not in row]
+            missing = [c for c in text_columns if c.partition(".")[0] not in row]
             if missing:
                 raise ValueError(f"{path}: no column {missing[0]!r} (has {', '.join(row)})")
-            texts.extend(str(row[c]) for c in text_columns if row[c] is not None)
+            for c in text_columns:
+                column, _, key = c.partition(".")
+                value = row[column][key] if key else row[column]
+                if isinstance(value, dict):  # Multi30k's translation: all its texts
+                    texts.extend(v for v in value.values() if isinstance(v, str))
+                elif value is not None:
+                    texts.append(str(value))
         elif model_type in SEQ2SEQ_TYPES and isinstance(row.get("translation"), dict):
             texts.extend(v for v in row["translation"].values() if isinstance(v, str))
         else:
