@@ -17,7 +17,8 @@ package's own pieces put together phase by phase (``steps.py``):
                                                  forward, grad (graph) and Hessian-vector on the first 4 rows
                                                  (Hessian only), then forward and backward on all 16, ...
     adahessian finite-difference Hessian step    perturb θ+εz, forward and grad at θ+εz, z ⊙ g(θ+εz),
-                                                 restore θ, forward, backward, difference, clip, update, ...
+                                                 restore θ (the same at θ−εz with --fd_scheme central),
+                                                 forward, backward, difference, clip, update, ...
 
 Every step is taken once before it is measured, so that the optimizer state exists and the
 measured step allocates what a step in the middle of training allocates.
@@ -70,7 +71,7 @@ def memory_by_phase(prof, phases) -> dict[str, dict[str, float]]:
     return out
 
 
-def step_kinds(batch: dict, estimators: list[str]) -> dict:
+def step_kinds(batch: dict, estimators: list[str], fd_scheme: str) -> dict:
     """{kind: (step(model, params, optimizer, phase), make_optimizer(params))}."""
     import torch
 
@@ -87,7 +88,7 @@ def step_kinds(batch: dict, estimators: list[str]) -> dict:
     if "finite_difference" in estimators:
         kinds["adahessian finite-difference Hessian step"] = (
             lambda m, p, opt, phase: steps.finite_difference_hessian_step(m, batch, opt, phase),
-            lambda p: AdaHessian(p, hessian_estimator="finite_difference", **ADAHESSIAN))
+            lambda p: AdaHessian(p, hessian_estimator="finite_difference", fd_scheme=fd_scheme, **ADAHESSIAN))
     return kinds
 
 
@@ -116,7 +117,7 @@ def main() -> None:
     batch = setup(args.threads, args.data_dir)
     out = output_dir(args, "sst2", "memory")
     results = {}
-    for kind, (step, make_optimizer) in step_kinds(batch, args.estimators).items():
+    for kind, (step, make_optimizer) in step_kinds(batch, args.estimators, args.fd_scheme).items():
         results[kind] = measure(step, make_optimizer)
         print(f"{kind}: peak {results[kind]['step_peak_above_start_mb']:.0f} MB above the step's start", flush=True)
 
@@ -131,11 +132,13 @@ def main() -> None:
           fmt(r["peak_tensor_mb"] / base, ".2f")] for k, r in results.items()])
     text = (f"## Tensor memory of one step, MiniLM, batch {BATCH_SIZE}, length {MAX_LENGTH} (torch.profiler, "
             f"profile_memory=True)\n\nMB above the step's start (parameters and optimizer state already live); "
-            f"AdaHessian {ADAHESSIAN}\n\n{table}\n\nPeak tensor memory: parameters + optimizer state + the step's "
+            f"AdaHessian {ADAHESSIAN}, finite differences {args.fd_scheme}\n\n{table}\n\n"
+            f"Peak tensor memory: parameters + optimizer state + the step's "
             f"peak\n\n{totals}\n")
     write_report(out, text, {
         **provenance(args.threads, MODULE), "batch_size": BATCH_SIZE,
-        "max_seq_length": MAX_LENGTH, "adahessian": ADAHESSIAN, "estimators": args.estimators, "results": results,
+        "max_seq_length": MAX_LENGTH, "adahessian": ADAHESSIAN, "estimators": args.estimators,
+        "fd_scheme": args.fd_scheme, "results": results,
     })
 
 

@@ -55,6 +55,8 @@ def profile_parser(module: str, description: str) -> argparse.ArgumentParser:
     _common(p, "the short mode (CI): the fewest repeats, written to a temporary folder")
     p.add_argument("--estimators", default=",".join(ESTIMATORS), type=parse_estimators,
                    help="AdaHessian's Hessian estimators to profile (default: %(default)s)")
+    p.add_argument("--fd_scheme", choices=("forward", "central"), default="forward",
+                   help="the finite-difference estimator's scheme (default: %(default)s)")
     return p
 
 

@@ -55,7 +55,7 @@ PEERS = (specs.torch_optimizer_adahessian(1e-3, ()), specs.pytorch_optimizer_ada
          specs.sophiah(1, 1e-3, ()))
 
 
-def step_kinds(batch: dict, estimators: list[str], peers: bool) -> tuple[dict, int]:
+def step_kinds(batch: dict, estimators: list[str], fd_scheme: str, peers: bool) -> tuple[dict, int]:
     """{kind: function of a phase factory that runs one step of that kind}; the parameter count."""
     import torch
 
@@ -67,7 +67,7 @@ def step_kinds(batch: dict, estimators: list[str], peers: bool) -> tuple[dict, i
     kinds["adamw step"] = lambda phase, m=model, p=params: backward_step(m, batch, adamw, p, phase)
     for estimator in estimators:
         m, p = minilm_for_training()
-        opt = AdaHessian(p, hessian_interval=1, hessian_estimator=estimator, **ADAHESSIAN)
+        opt = AdaHessian(p, hessian_interval=1, hessian_estimator=estimator, fd_scheme=fd_scheme, **ADAHESSIAN)
         kinds[HESSIAN_STEP[estimator]] = lambda phase, m=m, opt=opt, fn=HESSIAN_FN[estimator]: fn(m, batch, opt, phase)
     m, p = minilm_for_training()
     between = AdaHessian(p, hessian_interval=NEVER_AGAIN, **ADAHESSIAN)
@@ -148,7 +148,7 @@ def main() -> None:
 
     batch = setup(args.threads, args.data_dir)
     out = output_dir(args, "sst2", "profile")
-    kinds, n_params = step_kinds(batch, args.estimators, args.peers)
+    kinds, n_params = step_kinds(batch, args.estimators, args.fd_scheme, args.peers)
     summary, rounds, measure_s = measure(kinds, warmup, repeats)
     profiles = {e: top_operators(kinds[HESSIAN_STEP[e]], profile_steps, args.top) for e in args.estimators}
 
@@ -172,11 +172,13 @@ def main() -> None:
                         f"{profile_steps} Hessian steps; the profiler slows each operator a little)\n\n{op_table}\n")
     text = (f"## One AdaHessian Hessian step, MiniLM ({n_params / 1e6:.1f}M parameters), batch {BATCH_SIZE}, length "
             f"{MAX_LENGTH}, {args.threads} threads\n\nmedians over {repeats} interleaved rounds after {warmup} warm-up "
-            f"rounds; AdaHessian {ADAHESSIAN}\n\n{table}\n\n" + "\n".join(ratio_lines) + "\n\n" + "\n".join(sections))
+            f"rounds; AdaHessian {ADAHESSIAN}, finite differences {args.fd_scheme}\n\n{table}\n\n"
+            + "\n".join(ratio_lines) + "\n\n" + "\n".join(sections))
     write_report(out, text, {
         **provenance(args.threads, MODULE), "parameters": n_params,
         "batch_size": BATCH_SIZE, "max_seq_length": MAX_LENGTH, "adahessian": ADAHESSIAN,
-        "estimators": args.estimators, "repeats": repeats, "warmup": warmup, "measure_s": measure_s,
+        "estimators": args.estimators, "fd_scheme": args.fd_scheme, "repeats": repeats, "warmup": warmup,
+        "measure_s": measure_s,
         "summary": summary, "rounds": rounds, "profiles": profiles,
     })
 

@@ -9,9 +9,10 @@ library's, so a change to the trainer's path changes what is measured here:
 * ``optimizer.estimate()`` and ``est.accumulate(grads=...)``, with the gradient built
   first by ``torch.autograd.grad(..., create_graph=True)`` so that the gradient-with-graph
   and the Hessian-vector product are timed apart (``est.accumulate(loss)`` does both);
-* for finite differences, ``estimators.fd_epsilon``, ``estimators.perturbed`` (θ + εz and
+* for finite differences, ``estimators.fd_epsilon``, ``estimators.perturbed`` (θ ± εz and
   back), ``estimators.add_perturbed_gradients``, the plain pass at θ and ``est.finish_()``,
-  in the order of ``hessian_pass._finite_difference``;
+  in the order of ``hessian_pass._finite_difference`` (forward or central, the optimizer's
+  ``fd_scheme``);
 * for ``hessian_batch_fraction``, ``hessian_pass.split_batch`` cuts the head of the batch.
 
 A step function takes ``phase``: a function of a phase name that returns a context
@@ -132,28 +133,35 @@ def sub_batch_hessian_step(model, batch: dict, optimizer, fraction: float, phase
 
 
 def finite_difference_hessian_step(model, batch: dict, optimizer, phase: Phase = no_phase):
-    """AdaHessian's finite-difference Hessian step: the pass at θ + εz, then the plain pass at θ.
+    """AdaHessian's finite-difference Hessian step: the pass at θ + εz (and θ − εz, central), then at θ.
 
-    As ``hessian_pass._finite_difference``: the perturbed pass first, its gradients folded into
-    the estimate as z ⊙ g(θ + εz), θ restored bit for bit, and the RNG forked so that the pass
-    at θ draws the same dropout masks; then the ordinary forward and backward, and
-    ``finish_()`` makes z ⊙ (g(θ + εz) − g(θ)) / ε.
+    As ``hessian_pass._finite_difference``: the perturbed passes first, each gradient (a plain
+    backward into ``.grad``, set aside at once) folded into the estimate as ±z ⊙ g(θ ± εz),
+    θ restored bit for bit, and the RNG forked so that every pass draws the same dropout
+    masks; then the ordinary forward and backward at θ, and ``finish_()`` makes
+    z ⊙ (g(θ + εz) − g(θ)) / ε (forward) or z ⊙ (g(θ + εz) − g(θ − εz)) / 2ε (central).
     """
     estimate = optimizer.estimate()
     params = estimate.params
+    scheme = optimizer.fd_scheme
     eps = fd_epsilon(params, optimizer.relative_fd_step())
-    with torch.random.fork_rng(devices=rng_devices(params)), no_sync(model), contextlib.ExitStack() as at_theta:
-        with phase("perturb θ+εz"):
-            at_theta.enter_context(perturbed(estimate, eps))
-        with phase("forward (θ+εz)"):
-            loss = model(**batch).loss
-        with phase("grad (θ+εz)"):
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        with phase("z ⊙ g(θ+εz)"):
-            add_perturbed_gradients(estimate, grads, eps)
-        del loss, grads
-        with phase("restore θ"):
-            at_theta.close()
+    for sign in (1, -1) if scheme == "central" else (1,):
+        at = "θ+εz" if sign > 0 else "θ−εz"
+        with torch.random.fork_rng(devices=rng_devices(params)), no_sync(model), contextlib.ExitStack() as moved:
+            with phase(f"perturb {at}"):
+                moved.enter_context(perturbed(estimate, sign * eps))
+            with phase(f"forward ({at})"):
+                loss = model(**batch).loss
+            with phase(f"grad ({at})"):
+                loss.backward()
+                grads = [p.grad for p in params]
+                for p in params:
+                    p.grad = None
+            with phase(f"z ⊙ g({at})"):
+                add_perturbed_gradients(estimate, grads, eps, scheme=scheme, sign=sign)
+            del loss, grads
+            with phase(f"restore θ from {at}"):
+                moved.close()
     with phase("forward"):
         loss = model(**batch).loss
     with phase("backward"):
