@@ -47,3 +47,24 @@ def _assert_usage_error(returncode, stderr, words):
     assert last.startswith("error: "), last
     for word in words:
         assert word in last, (word, last)
+
+
+# Runs the script's __main__ once per case in one interpreter; records the exit status and what went to stderr.
+RUN_EACH = """
+import contextlib, io, json, runpy, sys, traceback
+script, cases, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+results = {}
+for name, argv in cases.items():
+    sys.argv = [script, *argv]
+    err, code = io.StringIO(), 0
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code
+        except BaseException:
+            code, _ = "exception", traceback.print_exc(file=err)
+    results[name] = [code, err.getvalue()]
+with open(out, "w") as f:
+    json.dump(results, f)
+"""

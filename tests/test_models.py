@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from hf_adahessian import double_backward_ready
 import torch
 from transformers import (
     AutoConfig,
@@ -23,7 +25,15 @@ from transformers import (
     AutoTokenizer,
 )
 
-from hf_adahessian.examples.models import ENCODER_TYPES, MODEL_TYPES, SEQ2SEQ_TYPES, build_model_folder, main, read_texts
+from hf_adahessian.examples.models import (
+    DECODER_TYPES,
+    ENCODER_TYPES,
+    MODEL_TYPES,
+    SEQ2SEQ_TYPES,
+    build_model_folder,
+    main,
+    read_texts,
+)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,8 +60,10 @@ def folders(tmp_path_factory):
     return {t: build_model_folder(t, str(root / t), EN + DE, size="tiny", seed=0) for t in MODEL_TYPES}
 
 
-def test_the_five_model_types():
-    assert set(MODEL_TYPES) == {"bert", "squeezebert", "marian", "t5", "bart"}
+def test_encoders_seq2seq_models_and_decoders():
+    assert (ENCODER_TYPES, SEQ2SEQ_TYPES, DECODER_TYPES) == (("bert", "squeezebert"), ("marian", "t5", "bart"),
+                                                            ("gpt2", "llama"))
+    assert set(MODEL_TYPES) == set(ENCODER_TYPES + SEQ2SEQ_TYPES + DECODER_TYPES)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -69,6 +81,44 @@ def test_tiny_is_tiny(folders, model_type):
     tokenizer = AutoTokenizer.from_pretrained(folders[model_type])
     # A few sentences cannot fill the default 1000; the config follows the trained tokenizer.
     assert config.vocab_size == len(tokenizer) <= 1000
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_decoders_are_causal_lms_with_tied_embeddings_and_learn(folders, model_type):
+    """As upstream's GPT-2 and the small Llamas: the output embedding is the input one; a byte-level
+    BPE tokenizer that pads with an end token; a few steps of AdaHessian lower the loss."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_adahessian import AdaHessian
+
+    model = AutoModelForCausalLM.from_pretrained(folders[model_type])
+    tokenizer = AutoTokenizer.from_pretrained(folders[model_type])
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert tokenizer.pad_token is not None and tokenizer.eos_token is not None
+    batch = tokenizer(EN, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = AdaHessian(model.parameters(), lr=0.05, seed=0)
+    model.train()
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        with double_backward_ready(model):
+            loss = model(**batch, labels=labels).loss
+            opt.estimate().accumulate(loss)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_untied_decoder_on_request(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = build_model_folder("llama", str(tmp_path), EN, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.get_input_embeddings().weight is not model.get_output_embeddings().weight
 
 
 # --------------------------------------------------------------------------- encoders
@@ -192,8 +242,9 @@ def test_seed_fixes_the_initial_weights(tmp_path):
 
 
 def test_unknown_model_type_lists_the_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match="unknown model_type 'gpt2'; valid: bert, squeezebert, marian, t5, bart"):
-        build_model_folder("gpt2", str(tmp_path), EN)
+    with pytest.raises(ValueError, match="unknown model_type 'gpt3'; valid: bert, squeezebert, marian, t5, bart, "
+                                         "gpt2, llama"):
+        build_model_folder("gpt3", str(tmp_path), EN)
 
 
 def test_bad_size_task_or_text_are_refused(tmp_path):
@@ -233,9 +284,16 @@ def test_read_texts_skips_labels_and_ids_in_csv(tmp_path):
 def test_read_texts_refuses_missing_and_unknown_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_file not found"):
         read_texts(str(tmp_path / "absent.jsonl"), "bert")
-    (tmp_path / "data.txt").write_text("hello\n")
-    with pytest.raises(ValueError, match="csv or JSON-lines"):
-        read_texts(str(tmp_path / "data.txt"), "bert")
+    (tmp_path / "data.parquet").write_text("hello\n")
+    with pytest.raises(ValueError, match=r"\.txt, csv or JSON-lines"):
+        read_texts(str(tmp_path / "data.parquet"), "bert")
+
+
+def test_read_texts_reads_plain_text_a_line_at_a_time_and_one_field_of_a_dict_column(tmp_path):
+    (tmp_path / "corpus.txt").write_text("A man.\n\nTwo dogs.\n", encoding="utf-8")
+    assert read_texts(str(tmp_path / "corpus.txt"), "gpt2") == ["A man.", "Two dogs."]
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"translation": {"de": d, "en": e}} for d, e in zip(DE, EN)])
+    assert read_texts(path, "gpt2", text_columns=["translation.en"]) == EN
 
 
 # --------------------------------------------------------------------------- command line
@@ -272,10 +330,9 @@ def test_cli_encoder_from_csv_columns(tmp_path):
 def test_cli_bad_model_type_is_a_one_line_error(tmp_path):
     # sys.exit(message): Python prints the message alone on stderr, no traceback, status 1.
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model_type", "gpt2", "--train_file", str(tmp_path / "x.jsonl"), "--output_dir", str(tmp_path)])
-    assert exit_info.value.code == (
-        "hf-adahessian-build-model: error: unknown model_type 'gpt2'; valid: bert, squeezebert, marian, t5, bart"
-    )
+        main(["--model_type", "gpt3", "--train_file", str(tmp_path / "x.jsonl"), "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == ("hf-adahessian-build-model: error: unknown model_type 'gpt3'; valid: bert, "
+                                    "squeezebert, marian, t5, bart, gpt2, llama")
 
 
 def test_cli_missing_file_is_a_clear_error(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from hf_adahessian.examples.models import build_model_folder
 
-from script_helpers import _assert_usage_error, _json, _train_logs, _write_jsonl, adahessian, env  # noqa: F401
+from script_helpers import RUN_EACH, _assert_usage_error, _json, _train_logs, _write_jsonl, adahessian, env  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "run_glue.py"
@@ -302,25 +302,6 @@ def bad_input_runs(bert, data, env, tmp_path_factory):
     return {name: (code, err, words[name]) for name, (code, err) in results.items()}, (real, words[REAL_PROCESS_CASE])
 
 
-# Runs the script's __main__ once per case in one interpreter; records the exit status and what went to stderr.
-RUN_EACH = """
-import contextlib, io, json, runpy, sys, traceback
-script, cases, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-results = {}
-for name, argv in cases.items():
-    sys.argv = [script, *argv]
-    err, code = io.StringIO(), 0
-    with contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exit:
-            code = exit.code
-        except BaseException:
-            code, _ = "exception", traceback.print_exc(file=err)
-    results[name] = [code, err.getvalue()]
-with open(out, "w") as f:
-    json.dump(results, f)
-"""
 REAL_PROCESS_CASE = "missing_text_column"
 
 

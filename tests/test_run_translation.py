@@ -11,7 +11,7 @@ import pytest
 
 from hf_adahessian.examples.models import build_model_folder
 
-from script_helpers import _assert_usage_error, _json, _train_logs, _write_jsonl, adahessian, env  # noqa: F401
+from script_helpers import RUN_EACH, _assert_usage_error, _json, _train_logs, _write_jsonl, adahessian, env  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "run_translation.py"
@@ -179,25 +179,6 @@ def _bad_input_cases(data, root):
 BAD_INPUT = ["language_not_in_data", "no_target_lang", "no_data", "wrong_extension", "no_translation_field",
              "row_without_language", "source_too_long", "bad_optim_args"]  # fmt: skip
 
-# Runs the script's __main__ once per case in one interpreter; records the exit status and what went to stderr.
-RUN_EACH = """
-import contextlib, io, json, runpy, sys, traceback
-script, cases, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-results = {}
-for name, argv in cases.items():
-    sys.argv = [script, *argv]
-    err, code = io.StringIO(), 0
-    with contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exit:
-            code = exit.code
-        except BaseException:
-            code, _ = "exception", traceback.print_exc(file=err)
-    results[name] = [code, err.getvalue()]
-with open(out, "w") as f:
-    json.dump(results, f)
-"""
 REAL_PROCESS_CASE = "language_not_in_data"
 
 
