@@ -342,6 +342,70 @@ def test_a_loss_that_uses_num_items_in_batch_keeps_the_trainers_normalisation(ma
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_kind", ["classifier", "causal-lm"])
+def test_hessian_chunks_give_the_whole_micro_batchs_estimate_and_gradient(model_kind, make_args, make_bert,
+                                                                          make_dataset):
+    """hessian_chunks=4 runs the double backward on four chunks of each micro-batch (with the same
+    probes), each weighted by its share of the items: the estimate is linear in the loss, so the sum
+    is the whole micro-batch's, and so is the gradient. The causal LM's loss is a sum over tokens
+    divided by the item count, the classifier's a mean over rows: both are normalised right."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def build():
+        if model_kind == "classifier":
+            return make_bert()
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    dataset = make_dataset(64)
+    if model_kind == "causal-lm":
+        ids = torch.tensor(dataset["input_ids"])
+        labels = ids.clone()
+        labels[::3, -3:] = -100  # rows with fewer items
+        dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    runs = {}
+    for chunks in (1, 4):
+        trainer = AdaHessianTrainer(model=build(), train_dataset=dataset, args=make_args(
+            max_steps=3, per_device_train_batch_size=16, train_sampling_strategy="sequential",
+            optim_args=f"eps=1e-2,hessian_chunks={chunks}"))
+        trainer.train()
+        runs[chunks] = trainer
+    initial = list(build().parameters())
+    moved = max((a - b).abs().max().item() for a, b in zip(runs[1].model.parameters(), initial))
+    assert moved > 1e-2
+    for a, b in zip(runs[1].model.parameters(), runs[4].model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * moved)
+    v1, v4 = optimizer_state(runs[1], "exp_hessian_diag_sq"), optimizer_state(runs[4], "exp_hessian_diag_sq")
+    scale = max(v.abs().max().item() for v in v1)
+    for a, b in zip(v1, v4):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(logged(runs[4]), logged(runs[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_hessian_chunks_keep_one_chunks_graph_alive_at_a_time(make_args, make_bert, make_dataset, monkeypatch):
+    """Each chunk's double backward is done (its graph freed) before the next chunk's forward."""
+    import hf_adahessian.estimators as estimators
+
+    events = []
+    accumulate = estimators.accumulate_exact
+
+    def spy(estimate, loss=None, **kwargs):
+        events.append("accumulate")
+        return accumulate(estimate, loss, **kwargs)
+
+    monkeypatch.setattr(estimators, "accumulate_exact", spy)
+    import hf_adahessian.estimate as estimate_module
+    monkeypatch.setattr(estimate_module, "accumulate_exact", spy)
+    model = make_bert()
+    model.bert.embeddings.register_forward_hook(lambda *a: events.append("forward") if torch.is_grad_enabled() else None)
+    trainer = AdaHessianTrainer(model=model, args=make_args(max_steps=1, per_device_train_batch_size=16,
+                                                            optim_args="hessian_chunks=4"),
+                                train_dataset=make_dataset(16))
+    trainer.train()
+    assert events == ["forward", "accumulate"] * 4
+
+
 # --------------------------------------------------------------------------- hessian_batch_fraction
 
 
