@@ -86,6 +86,22 @@ def _dims(model_type: str, size: str) -> dict:
 # ----------------------------------------------------------------------------- tokenizers
 
 
+def _template(tok: Tokenizer, single: str, pair: str, tokens: list[str]) -> None:
+    """Where the special tokens go around one text and a pair."""
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in tokens])
+
+
+def _byte_level_bpe(texts: list[str], vocab_size: int, specials: list[str], unk: str | None = None) -> Tokenizer:
+    """Byte-level BPE, as GPT-2, RoBERTa and BART: no unknown characters."""
+    tok = Tokenizer(tokenizer_models.BPE(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
 def _train_wordpiece(texts: list[str], vocab_size: int) -> tuple[Tokenizer, dict]:
     """An uncased BERT tokenizer: [CLS] A [SEP] (B [SEP]) with token types."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -94,12 +110,7 @@ def _train_wordpiece(texts: list[str], vocab_size: int) -> tuple[Tokenizer, dict
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
+    _template(tok, "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1", ["[CLS]", "[SEP]"])
     names = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     # The generic tokenizer class returns no token_type_ids unless told to; BERT wants them.
     names["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
@@ -109,23 +120,10 @@ def _train_wordpiece(texts: list[str], vocab_size: int) -> tuple[Tokenizer, dict
 def _train_seq2seq(model_type: str, texts: list[str], vocab_size: int) -> tuple[Tokenizer, dict]:
     """One tokenizer for both languages, laid out as the real checkpoints lay theirs out."""
     if model_type == "bart":
-        # Byte-level BPE as RoBERTa/BART: no unknown characters, <s> A </s>.
-        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-        tok = Tokenizer(tokenizer_models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        tok.train_from_iterator(texts, trainer)
-        bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>",
-            pair="<s> $A </s> </s> $B </s>",
-            special_tokens=[("<s>", bos), ("</s>", eos)],
-        )
-        names = dict(bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>", mask_token="<mask>")
-        return tok, names
+        # As RoBERTa/BART: <s> A </s>.
+        tok = _byte_level_bpe(texts, vocab_size, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk="<unk>")
+        _template(tok, "<s> $A </s>", "<s> $A </s> </s> $B </s>", ["<s>", "</s>"])
+        return tok, dict(bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>", mask_token="<mask>")
 
     # SentencePiece-style unigram as Marian and T5: pad 0, </s> 1, <unk> 2, A </s>.
     specials = ["<pad>", "</s>", "<unk>"]
@@ -135,29 +133,20 @@ def _train_seq2seq(model_type: str, texts: list[str], vocab_size: int) -> tuple[
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
     tok.train_from_iterator(texts, trainer)
-    eos = tok.token_to_id("</s>")
     # T5 closes each segment; Marian closes the whole input only.
-    pair = "$A </s> $B </s>" if model_type == "t5" else "$A $B </s>"
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair=pair, special_tokens=[("</s>", eos)])
-    names = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    return tok, names
+    _template(tok, "$A </s>", "$A </s> $B </s>" if model_type == "t5" else "$A $B </s>", ["</s>"])
+    return tok, dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def _train_byte_level_bpe(model_type: str, texts: list[str], vocab_size: int) -> tuple[Tokenizer, dict]:
-    """GPT-2's byte-level BPE (no unknown characters); Llama-style adds <s> before each text."""
-    specials = ["<|endoftext|>"] if model_type == "gpt2" else ["<unk>", "<s>", "</s>"]
-    tok = Tokenizer(tokenizer_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    """GPT-2's byte-level BPE; Llama-style adds <s> before each text."""
     if model_type == "gpt2":
+        tok = _byte_level_bpe(texts, vocab_size, ["<|endoftext|>"])
         # GPT-2 has no padding token; like most fine-tuning recipes, pad with end-of-text.
         return tok, dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
                          pad_token="<|endoftext|>")
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
+    tok = _byte_level_bpe(texts, vocab_size, ["<unk>", "<s>", "</s>"])
+    _template(tok, "<s> $A", "<s> $A <s> $B", ["<s>"])
     return tok, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
 
 
@@ -176,18 +165,10 @@ def _decoder_config(model_type: str, d: dict, vocab: int, ids: dict, tie: bool):
                        pad_token_id=ids["pad"], tie_word_embeddings=tie)
 
 
-
 def _encoder_config(model_type: str, d: dict, vocab: int, pad_id: int, num_labels: int):
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=d["hidden"],
-        num_hidden_layers=d["layers"],
-        num_attention_heads=d["heads"],
-        intermediate_size=d["ffn"],
-        max_position_embeddings=d["positions"],
-        pad_token_id=pad_id,
-        num_labels=num_labels,
-    )
+    common = dict(vocab_size=vocab, hidden_size=d["hidden"], num_hidden_layers=d["layers"],
+                  num_attention_heads=d["heads"], intermediate_size=d["ffn"],
+                  max_position_embeddings=d["positions"], pad_token_id=pad_id, num_labels=num_labels)
     if model_type == "squeezebert":
         # SqueezeBERT's encoder has no projection from embedding to hidden size.
         return SqueezeBertConfig(embedding_size=d["hidden"], **common)
@@ -196,32 +177,13 @@ def _encoder_config(model_type: str, d: dict, vocab: int, pad_id: int, num_label
 
 def _seq2seq_config(model_type: str, d: dict, vocab: int, ids: dict):
     if model_type == "t5":
-        return T5Config(
-            vocab_size=vocab,
-            d_model=d["hidden"],
-            d_kv=d["hidden"] // d["heads"],
-            d_ff=d["ffn"],
-            num_layers=d["layers"],
-            num_decoder_layers=d["layers"],
-            num_heads=d["heads"],
-            pad_token_id=ids["pad"],
-            eos_token_id=ids["eos"],
-            decoder_start_token_id=ids["pad"],
-        )
-    common = dict(
-        vocab_size=vocab,
-        d_model=d["hidden"],
-        encoder_layers=d["layers"],
-        decoder_layers=d["layers"],
-        encoder_attention_heads=d["heads"],
-        decoder_attention_heads=d["heads"],
-        encoder_ffn_dim=d["ffn"],
-        decoder_ffn_dim=d["ffn"],
-        max_position_embeddings=d["positions"],
-        pad_token_id=ids["pad"],
-        eos_token_id=ids["eos"],
-        forced_eos_token_id=ids["eos"],
-    )
+        return T5Config(vocab_size=vocab, d_model=d["hidden"], d_kv=d["hidden"] // d["heads"], d_ff=d["ffn"],
+                        num_layers=d["layers"], num_decoder_layers=d["layers"], num_heads=d["heads"],
+                        pad_token_id=ids["pad"], eos_token_id=ids["eos"], decoder_start_token_id=ids["pad"])
+    common = dict(vocab_size=vocab, d_model=d["hidden"], encoder_layers=d["layers"], decoder_layers=d["layers"],
+                  encoder_attention_heads=d["heads"], decoder_attention_heads=d["heads"],
+                  encoder_ffn_dim=d["ffn"], decoder_ffn_dim=d["ffn"], max_position_embeddings=d["positions"],
+                  pad_token_id=ids["pad"], eos_token_id=ids["eos"], forced_eos_token_id=ids["eos"])
     if model_type == "marian":
         # opus-mt settings; Marian starts decoding from <pad>.
         return MarianConfig(
