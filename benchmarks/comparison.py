@@ -40,7 +40,7 @@ def complete(record: dict, budget: Budget, experiment: Experiment) -> None:
     """A finished run's step-time statistics and final metric."""
     record["steps"] = len(record["step_times"])
     record["step_time"] = stats.step_time_stats(record, budget.warmup_skip, record["hessian_interval"])
-    record["metric"] = record.get("eval_metrics", {}).get(experiment.metric.key)
+    record["metric"] = experiment.metric.value(record.get("eval_metrics"))
     print(f"  done in {record['process_wall_s']:.0f}s: {record['step_time']['seconds_per_step']:.3f} s/step, "
           f"peak RSS {record['peak_rss_train_mb']:.0f} MB, dev {experiment.metric.label} {record['metric']}",
           flush=True)
@@ -87,7 +87,7 @@ def run_comparison(experiment: Experiment, runs: list[Run], args, budget: Budget
         records.append(record)
         report.write_json(runs_dir / "results.partial.json", {**meta, "runs": records})
     compare_to_baseline(records)
-    summaries = stats.summarize(records, BASELINE)
+    summaries = stats.summarize(records, BASELINE, experiment.metric)
     heading = f"## {experiment.title}{' (quick)' if args.quick else ''}{' lr search' if lr_search else ''}"
     seeds = ", ".join(map(str, args.seeds))
     lines = [heading, "", f"{budget.max_steps} steps per run; seeds {seeds}; `{meta['invocation']}`", ""]

@@ -15,17 +15,12 @@ and every optimizer and seed starts from those same weights. Training goes throu
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 from . import comparison, specs
 from .data import data_files, require_data
 from .machine import child_env
+from .model_folder import build_model
 from .options import comparison_parser, output_dir, resolve_budget
-from .paths import REPO, arg_path
+from .paths import arg_path
 from .specs import Budget, Budgets, Experiment, Metric
 
 MODULE = "benchmarks.multi30k"  # how it is run: python -m MODULE
@@ -57,18 +52,6 @@ BUDGETS = Budgets(
 )
 
 
-def build_model(out_dir: Path, train_file: Path, env: dict) -> tuple[Path, list[str], float]:
-    """The package's own model-folder command (rebuilt every time: ~15 s, deterministic, never stale)."""
-    model = out_dir / "runs" / "model"  # runs/ is git-ignored
-    shutil.rmtree(model, ignore_errors=True)
-    cmd = [sys.executable, "-m", "hf_adahessian.examples.models", "--model_type", "marian", "--size", "small",
-           "--train_file", arg_path(train_file), "--output_dir", arg_path(model), "--seed", "0"]
-    print(f"building the model folder: {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return model, cmd, time.perf_counter() - start
-
-
 def main() -> None:
     args = comparison_parser(MODULE, __doc__, list(OPTIMIZERS), list(DEFAULT)).parse_args()
     runs = comparison.plan(OPTIMIZERS, args)
@@ -78,7 +61,7 @@ def main() -> None:
     out_dir = output_dir(args, NAME, comparison.kind(args))
     env = child_env(args.threads, data.datasets_cache)
     # The vocabulary is trained on the whole training split, whatever the slice.
-    model, build_cmd, build_s = build_model(out_dir, folder / "train.jsonl", env)
+    model, build_cmd, build_s = build_model(out_dir, env, "marian", folder / "train.jsonl")
     experiment = Experiment(
         name=NAME, title="Marian-small on Multi30k de-en", script="run_translation.py", metric=METRIC,
         budgets=BUDGETS,

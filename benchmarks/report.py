@@ -8,6 +8,7 @@ files differed from it, the machine, and the invocation; all of it through
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import statistics
@@ -71,33 +72,49 @@ def write_report(out_dir: Path, text: str, meta: dict) -> None:
 # ----------------------------------------------------------------------------- comparison tables
 
 
+def dev_header(metric: Metric) -> str:
+    """``dev accuracy``; a lower-is-better metric says so: ``dev perplexity (lower is better)``."""
+    return f"dev {metric.label}" + ("" if metric.higher_is_better else " (lower is better)")
+
+
+def noise_cell(summary: dict) -> str:
+    """Beyond noise: "yes (better)" / "yes (worse)" (the metric's direction), "no", "–" below two seeds a side."""
+    noise = summary.get("beyond_noise")
+    if noise is None:
+        return "–"
+    if not noise:
+        return "no"
+    return "yes (better)" if summary.get("better_than_baseline") else "yes (worse)"
+
+
 def comparison_table(summaries: list[dict], metric: Metric) -> str:
     label = metric.label
-    headers = ["optimizer", "lr", "Hessian every", "path", "n", f"dev {label}", f"Δ{label} vs AdamW",
+    headers = ["optimizer", "lr", "Hessian every", "path", "n", dev_header(metric), f"Δ{label} vs AdamW",
                "beyond noise", "s/step", "× AdamW", "CPU s/step × AdamW", "peak RSS MB", "× AdamW",
                "train Δ RSS × AdamW", "loss, last 10 steps"]
     rows = []
     for s in summaries:
-        noise = s.get("beyond_noise")
         ra = s["ratios"]
         rows.append([
             s["optimizer"], fmt(s["lr"], "g"), fmt(s["hessian_interval"], "d"), s["path"],
             f"{s['metric']['n']}" + (f" ({len(s['failed'])} failed)" if s["failed"] else ""),
             pm(s["metric"], metric.format), fmt(s.get("metric_difference"), "+" + metric.format),
-            "–" if noise is None else ("yes" if noise else "no"),
+            noise_cell(s),
             pm(s["seconds_per_step"]), pm(ra["time_per_step"], ".2f"), pm(ra["cpu_time_per_step"], ".2f"),
             pm(s["peak_rss_train_mb"], ".0f"), pm(ra["peak_rss"], ".2f"), pm(ra["rss_increment"], ".2f"),
             pm(s["loss_last_10_steps"]),
         ])
     caption = (f"Mean ± sd over n seeds (sd: sample standard deviation; one seed: the value alone). Ratios: each "
                f"seed's run over AdamW's run with the same seed in this invocation, then mean ± sd. Δ{label}: the "
-               f"difference of the means. Beyond noise: {NOISE_RULE}, a and b this optimizer's and AdamW's dev "
-               f"{label} over seeds; '–' with fewer than two seeds on a side.")
+               f"difference of the means (this optimizer's less AdamW's; {label}: {metric.direction}, so a "
+               f"{'positive' if metric.higher_is_better else 'negative'} Δ is better). Beyond noise: {NOISE_RULE}, "
+               f"a and b this optimizer's and AdamW's dev {label} over seeds, and which way (better or worse); "
+               f"'–' with fewer than two seeds on a side.")
     return markdown_table(headers, rows) + "\n\n" + caption
 
 
 def runs_table(records: list[dict], metric: Metric) -> str:
-    headers = ["run", "lr", "seed", "steps", f"dev {metric.label}", "s/step", "× AdamW (same seed)", "peak RSS MB",
+    headers = ["run", "lr", "seed", "steps", dev_header(metric), "s/step", "× AdamW (same seed)", "peak RSS MB",
                "× AdamW", "same batches as AdamW", "process s"]
     rows = []
     for r in records:
@@ -114,20 +131,20 @@ def runs_table(records: list[dict], metric: Metric) -> str:
 
 
 def lr_search_table(summaries: list[dict], best: dict, metric: Metric) -> str:
-    headers = ["optimizer", "lr", "n", f"dev {metric.label}", "s/step", "loss, last 10 steps"]
+    headers = ["optimizer", "lr", "n", dev_header(metric), "s/step", "loss, last 10 steps"]
     rows = [[s["optimizer"], fmt(s["lr"], "g"), s["metric"]["n"], pm(s["metric"], metric.format),
              pm(s["seconds_per_step"]), pm(s["loss_last_10_steps"])] for s in summaries]
     line = ", ".join(f"{k}: {v['lr']:g} ({metric.show(v['metric'])}, n={v['n']})" for k, v in best.items())
-    return (markdown_table(headers, rows) + f"\n\nbest lr per optimizer (by mean dev {metric.label} over seeds): "
-            + (line or "–"))
+    return (markdown_table(headers, rows) + f"\n\nbest lr per optimizer (by mean dev {metric.label} over seeds, "
+            f"{metric.direction}): " + (line or "–"))
 
 
 def time_to_quality_table(ttq: dict | None, metric: Metric, eval_every: int) -> str:
     if ttq is None:
         return "Time to quality: no AdamW run finished in this invocation, so there is no target."
-    target, budget = metric.show(ttq["target"]), ttq["budget_s"]
+    target, budget = f"{metric.at_least} {metric.show(ttq['target'])}", ttq["budget_s"]
     headers = ["optimizer", f"steps to {metric.label} {target}", f"training s to {metric.label} {target}",
-               f"dev {metric.label} within {budget:.0f} s of training"]
+               f"{dev_header(metric)} within {budget:.0f} s of training"]
     rows = []
     for name, t in ttq["by_optimizer"].items():
         reached = f" ({t['reached']}/{t['n']} seeds)" if 0 < t["reached"] < t["n"] else ""
@@ -137,7 +154,8 @@ def time_to_quality_table(ttq: dict | None, metric: Metric, eval_every: int) -> 
             steps, seconds = pm(t["steps_to_target"], ".0f") + reached, pm(t["seconds_to_target"], ".0f") + reached
         rows.append([name, steps, seconds, pm(t["metric_at_budget"], metric.format)])
     caption = (f"Evaluated on the dev set every {eval_every} steps and after training. Target: AdamW's final dev "
-               f"{metric.label}, mean over its seeds; steps and seconds: the first evaluation at or past it, mean ± sd "
+               f"{metric.label}, mean over its seeds; steps and seconds: the first evaluation at or "
+               f"{'above' if metric.higher_is_better else 'below'} it ({metric.direction}), mean ± sd "
                f"over the seeds that reached it. Budget: AdamW's training wall-clock, mean over its seeds; the value "
                f"is the last evaluation made within it. Training seconds leave the evaluations out. Plot: quality.png.")
     return markdown_table(headers, rows) + "\n\n" + caption
@@ -200,11 +218,13 @@ def plot_quality(groups: dict[tuple, list[dict]], curves, metric: Metric, path: 
         xs = [statistics.fmean(p[i][1] for p in points) for i in range(length)]
         ys = [statistics.fmean(p[i][2] for p in points) for i in range(length)]
         (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=_label(name, lr, len(points)))
-        if len(points) > 1:
+        if len(points) > 1 and all(math.isfinite(p[i][2]) for p in points for i in range(length)):
             sd = [statistics.stdev(p[i][2] for p in points) for i in range(length)]
             ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
                             color=line.get_color(), alpha=0.2)
-    ax.set_ylabel(f"dev {metric.label}")
+    ax.set_ylabel(dev_header(metric))
+    if metric.log_scale:
+        ax.set_yscale("log")
     _finish(plt, fig, (ax,), ax, title, path)
 
 

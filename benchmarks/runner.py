@@ -47,7 +47,7 @@ from .recorder import Recorder
 from .specs import OptimizerSpec
 
 TRAINER_NAMES = ("AdaHessianTrainer", "AdaHessianSeq2SeqTrainer")
-AUTO_MODEL_NAMES = ("AutoModelForSequenceClassification", "AutoModelForSeq2SeqLM")
+AUTO_MODEL_NAMES = ("AutoModelForSequenceClassification", "AutoModelForSeq2SeqLM", "AutoModelForCausalLM")
 
 
 def unwrap(optimizer):

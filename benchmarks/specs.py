@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -60,12 +61,42 @@ TRAINER_KEYS = ("hessian_batch_fraction", "hessian_chunks")
 
 @dataclass(frozen=True)
 class Metric:
-    """The dev-set number a benchmark compares: the key in the script's eval metrics, how to show it."""
+    """The dev-set number a benchmark compares: where it is read in the script's eval metrics, how to show it.
+
+    ``key`` is the eval metrics' key it is read from; ``transform`` (a name, so the spec stays
+    JSON) what is made of that value: ``"exp"`` turns ``eval_loss`` into perplexity (the
+    recorder sees ``trainer.evaluate()``'s dict, which has no perplexity). ``higher_is_better``
+    decides every comparison of the harness (best lr, reaching AdamW's final value, better or
+    worse); ``log_scale`` plots the dev curve on a log axis.
+    """
 
     key: str  # e.g. "eval_accuracy"
     label: str  # e.g. "accuracy"
     higher_is_better: bool = True
     format: str = ".4f"
+    transform: Literal["exp"] | None = None
+    log_scale: bool = False
+
+    def __post_init__(self):
+        if self.transform not in (None, "exp"):
+            raise ValueError(f"metric {self.label}: unknown transform {self.transform!r}")
+
+    def value(self, metrics: Mapping[str, Any] | None) -> float | None:
+        """This metric from an evaluation's metrics (None where the key is absent)."""
+        raw = (metrics or {}).get(self.key)
+        if raw is None or self.transform is None:
+            return raw
+        # exp overflows past ~709; a diverged run's perplexity is infinite (as run_clm.py writes it).
+        return math.exp(raw) if raw < 700 else math.inf
+
+    @property
+    def direction(self) -> str:
+        return "higher is better" if self.higher_is_better else "lower is better"
+
+    @property
+    def at_least(self) -> str:
+        """The sign of "as good as": ≥ when higher is better, ≤ when lower is."""
+        return "≥" if self.higher_is_better else "≤"
 
     def show(self, value: float | None, signed: bool = False) -> str:
         if value is None:

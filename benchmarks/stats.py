@@ -89,9 +89,13 @@ class MeanSd:
 
 
 def mean_sd(values) -> MeanSd:
+    """NaN and None are left out; an infinite value (a diverged run's perplexity) makes the mean infinite
+    and the sd None."""
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return MeanSd(None, None, 0)
+    if not all(math.isfinite(v) for v in values):
+        return MeanSd(statistics.fmean(values), None, len(values))
     return MeanSd(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
 
 
@@ -106,9 +110,10 @@ def group_key(record: dict) -> tuple[str, float]:
     return record["optimizer"], record["lr"]
 
 
-def summarize(records: list[dict], baseline: str) -> list[dict]:
+def summarize(records: list[dict], baseline: str, metric: Metric) -> list[dict]:
     """One summary per (optimizer, lr) in the order of first appearance: each number as mean ± sd over seeds,
-    the ratios to the baseline of the same seed, and the metric's difference to the baseline's mean.
+    the ratios to the baseline of the same seed, and the metric's difference to the baseline's mean
+    (this mean less the baseline's, whichever way is better) with whether it is better (``metric``'s direction).
 
     The baseline group is the baseline optimizer's, when it ran at exactly one learning rate.
     """
@@ -120,21 +125,22 @@ def summarize(records: list[dict], baseline: str) -> list[dict]:
     out = []
     for (name, lr), runs in groups.items():
         good = [r for r in runs if ok(r)]
-        metric = mean_sd(r.get("metric") for r in good)
+        dev = mean_sd(r.get("metric") for r in good)
         losses = [statistics.fmean(r["losses"][-10:]) if r.get("losses") else None for r in good]
         summary = {
             "optimizer": name, "lr": lr, "hessian_interval": runs[0].get("hessian_interval"), "path": runs[0]["path"],
             "seeds": [r["seed"] for r in good], "failed": [r["name"] for r in runs if not ok(r)],
-            "metric": metric.to_json(),
+            "metric": dev.to_json(),
             "seconds_per_step": mean_sd(r["step_time"]["seconds_per_step"] for r in good).to_json(),
             "peak_rss_train_mb": mean_sd(r["peak_rss_train_mb"] for r in good).to_json(),
             "rss_increment_mb": mean_sd(r["rss_increment_mb"] for r in good).to_json(),
             "loss_last_10_steps": mean_sd(losses).to_json(),
             "ratios": {k: mean_sd(r.get("ratios", {}).get(k) for r in good).to_json() for k in RATIO_KEYS},
         }
-        if base_metric is not None and base_metric.n and metric.n and name != baseline:
-            summary["metric_difference"] = metric.mean - base_metric.mean
-            summary["beyond_noise"] = beyond_noise(metric, base_metric)
+        if base_metric is not None and base_metric.n and dev.n and name != baseline:
+            summary["metric_difference"] = dev.mean - base_metric.mean
+            summary["better_than_baseline"] = metric.better(dev.mean, base_metric.mean)
+            summary["beyond_noise"] = beyond_noise(dev, base_metric)
         out.append(summary)
     return out
 
@@ -159,7 +165,7 @@ def quality_curve(record: dict, metric: Metric) -> list[tuple[int, float, float]
     """(step, training seconds, metric) of every evaluation of a run, one per step (the last), in step order."""
     by_step = {}
     for e in record.get("evaluations") or []:
-        value = e["metrics"].get(metric.key)
+        value = metric.value(e["metrics"])
         if value is not None and e.get("train_s") is not None:
             by_step[e["step"]] = (e["step"], e["train_s"], value)
     return [by_step[s] for s in sorted(by_step)]

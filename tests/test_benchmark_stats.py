@@ -1,0 +1,88 @@
+"""The benchmark harness's comparisons follow the metric's direction: accuracy (higher is better) and
+perplexity (lower is better) through the same code: reading the metric, the best lr, reaching AdamW's
+final value, better or worse beyond the noise, the tables. Synthetic records; no run, no data."""
+
+import math
+
+import pytest
+
+from benchmarks import report, stats
+from benchmarks.specs import Metric
+
+ACCURACY = Metric("eval_accuracy", "accuracy", higher_is_better=True)
+PERPLEXITY = Metric("eval_loss", "perplexity", higher_is_better=False, format=".2f", transform="exp")
+
+
+def record(optimizer, lr, seed, metric, curve=(), train_wall_s=10.0):
+    """A finished run as ``comparison.complete`` leaves it; ``curve``: (step, train_s, metrics) evaluations."""
+    return {
+        "optimizer": optimizer, "lr": lr, "seed": seed, "name": f"{optimizer}_lr{lr}_seed{seed}", "returncode": 0,
+        "hessian_interval": None, "path": "trainer", "metric": metric,
+        "step_time": {"seconds_per_step": 1.0}, "peak_rss_train_mb": 100.0, "rss_increment_mb": 10.0,
+        "losses": [1.0], "train_wall_s": train_wall_s,
+        "evaluations": [{"step": step, "train_s": s, "metrics": metrics} for step, s, metrics in curve],
+    }
+
+
+def evaluations(metric: Metric, points):
+    """(step, train_s, value) -> evaluations whose metrics hold what the script reports (perplexity: eval_loss)."""
+    def reported(value):
+        return {metric.key: math.log(value) if metric.transform == "exp" else value}
+    return [(step, s, reported(v)) for step, s, v in points]
+
+
+def test_metric_reads_perplexity_from_eval_loss():
+    assert PERPLEXITY.value({"eval_loss": math.log(20.0)}) == pytest.approx(20.0)
+    assert PERPLEXITY.value({"eval_loss": 1e4}) == math.inf  # a diverged run, as run_clm.py writes it
+    assert PERPLEXITY.value({"eval_accuracy": 0.5}) is None and PERPLEXITY.value(None) is None
+    assert ACCURACY.value({"eval_accuracy": 0.8}) == 0.8
+    assert (PERPLEXITY.at_least, ACCURACY.at_least) == ("≤", "≥")
+    with pytest.raises(ValueError):
+        Metric("eval_loss", "perplexity", transform="log")
+
+
+@pytest.mark.parametrize("metric, good, bad", [(ACCURACY, 0.9, 0.7), (PERPLEXITY, 20.0, 40.0)])
+def test_best_lr_follows_the_direction(metric, good, bad):
+    summaries = [{"optimizer": "x", "lr": 1e-3, "metric": {"mean": bad, "n": 1}},
+                 {"optimizer": "x", "lr": 1e-2, "metric": {"mean": good, "n": 1}},
+                 {"optimizer": "x", "lr": 1e-1, "metric": {"mean": None, "n": 0}}]
+    assert stats.best_lr(summaries, metric)["x"]["lr"] == 1e-2
+
+
+@pytest.mark.parametrize("metric, base, better, worse", [
+    (ACCURACY, (0.80, 0.81), (0.90, 0.91), (0.60, 0.61)),
+    (PERPLEXITY, (30.0, 31.0), (20.0, 21.0), (50.0, 51.0)),
+])
+def test_summary_and_table_say_better_or_worse(metric, base, better, worse):
+    records = [record(n, 0.1, seed, v) for n, values in (("adamw_torch", base), ("good", better), ("bad", worse))
+               for seed, v in zip((42, 43), values)]
+    by_name = {s["optimizer"]: s for s in stats.summarize(records, "adamw_torch", metric)}
+    assert by_name["good"]["beyond_noise"] and by_name["good"]["better_than_baseline"]
+    assert by_name["bad"]["beyond_noise"] and not by_name["bad"]["better_than_baseline"]
+    # The difference is this optimizer's mean less AdamW's, whichever way is better.
+    assert by_name["good"]["metric_difference"] == pytest.approx(sum(better) / 2 - sum(base) / 2)
+    rows = {line.split(" | ")[0].strip("| "): line for line in
+            report.comparison_table(list(by_name.values()), metric).splitlines()}
+    assert "yes (better)" in rows["good"] and "yes (worse)" in rows["bad"]
+    assert ("lower is better" in rows["optimizer"]) is (not metric.higher_is_better)
+
+
+@pytest.mark.parametrize("metric, points, target", [
+    (ACCURACY, [(2, 1.0, 0.5), (4, 2.0, 0.85), (6, 3.0, 0.9)], 0.8),
+    (PERPLEXITY, [(2, 1.0, 90.0), (4, 2.0, 25.0), (6, 3.0, 20.0)], 30.0),
+])
+def test_time_to_quality_reaches_the_target_in_the_metric_direction(metric, points, target):
+    base = record("adamw_torch", 0.1, 42, target, evaluations(metric, [(6, 3.0, target)]), train_wall_s=1.5)
+    run = record("x", 0.1, 42, points[-1][2], evaluations(metric, points))
+    ttq = stats.time_to_quality([base, run], metric, "adamw_torch")
+    x = ttq["by_optimizer"]["x"]
+    assert (x["reached"], x["steps_to_target"]["mean"], x["seconds_to_target"]["mean"]) == (1, 4, 2.0)
+    assert x["metric_at_budget"]["mean"] == pytest.approx(points[0][2])  # the last evaluation within 1.5 s
+    table = report.time_to_quality_table(ttq, metric, 2)
+    assert f"steps to {metric.label} {metric.at_least} {metric.show(target)}" in table
+
+
+def test_an_infinite_perplexity_keeps_the_summary_alive():
+    ms = stats.mean_sd([20.0, math.inf])
+    assert (ms.mean, ms.sd, ms.n) == (math.inf, None, 2)
+    assert stats.beyond_noise(ms, stats.mean_sd([20.0, 21.0])) is None
