@@ -9,10 +9,9 @@ library's, so a change to the trainer's path changes what is measured here:
 * ``optimizer.estimate()`` and ``est.accumulate(grads=...)``, with the gradient built
   first by ``torch.autograd.grad(..., create_graph=True)`` so that the gradient-with-graph
   and the Hessian-vector product are timed apart (``est.accumulate(loss)`` does both);
-* for finite differences, ``estimators.fd_epsilon``, ``estimators.perturbed`` (θ ± εz and
-  back), ``estimators.add_perturbed_gradients``, the plain pass at θ and ``est.finish_()``,
-  in the order of ``hessian_pass._finite_difference`` (forward or central, the optimizer's
-  ``fd_scheme``);
+* for finite differences, ``estimators.fd_epsilon`` and the trainer's own
+  ``hessian_pass.perturbed_pass`` (θ ± εz and back, the gradient folded in), the plain pass
+  at θ and ``est.finish_()`` (forward or central, the optimizer's ``fd_scheme``);
 * for ``hessian_batch_fraction``, ``hessian_pass.split_batch`` cuts the head of the batch.
 
 A step function takes ``phase``: a function of a phase name that returns a context
@@ -29,8 +28,8 @@ from typing import Callable, ContextManager
 import torch
 from torch.profiler import record_function
 
-from hf_adahessian.estimators import add_perturbed_gradients, fd_epsilon, perturbed, rng_devices
-from hf_adahessian.hessian_pass import double_backward_ready, no_sync, split_batch
+from hf_adahessian.estimators import fd_epsilon
+from hf_adahessian.hessian_pass import double_backward_ready, mark, perturbed_pass, split_batch
 
 Phase = Callable[[str], ContextManager]
 MAX_GRAD_NORM = 1.0  # the Trainer's default clipping
@@ -135,10 +134,9 @@ def sub_batch_hessian_step(model, batch: dict, optimizer, fraction: float, phase
 def finite_difference_hessian_step(model, batch: dict, optimizer, phase: Phase = no_phase):
     """AdaHessian's finite-difference Hessian step: the pass at θ + εz (and θ − εz, central), then at θ.
 
-    As ``hessian_pass._finite_difference``: the perturbed passes first, each gradient (a plain
-    backward into ``.grad``, set aside at once) folded into the estimate as ±z ⊙ g(θ ± εz),
-    θ restored bit for bit, and the RNG forked so that every pass draws the same dropout
-    masks; then the ordinary forward and backward at θ, and ``finish_()`` makes
+    With the trainer's own ``hessian_pass.perturbed_pass``: the perturbed passes first (θ ± εz,
+    the RNG forked, each gradient folded into the estimate as ±z ⊙ g(θ ± εz), θ restored bit
+    for bit on exit); then the ordinary forward and backward at θ, and ``finish_()`` makes
     z ⊙ (g(θ + εz) − g(θ)) / ε (forward) or z ⊙ (g(θ + εz) − g(θ − εz)) / 2ε (central).
     """
     estimate = optimizer.estimate()
@@ -147,19 +145,14 @@ def finite_difference_hessian_step(model, batch: dict, optimizer, phase: Phase =
     eps = fd_epsilon(params, optimizer.relative_fd_step())
     for sign in (1, -1) if scheme == "central" else (1,):
         at = "θ+εz" if sign > 0 else "θ−εz"
-        with torch.random.fork_rng(devices=rng_devices(params)), no_sync(model), contextlib.ExitStack() as moved:
+        with contextlib.ExitStack() as moved:
             with phase(f"perturb {at}"):
-                moved.enter_context(perturbed(estimate, sign * eps))
+                moved.enter_context(perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign))
             with phase(f"forward ({at})"):
                 loss = model(**batch).loss
-            with phase(f"grad ({at})"):
-                loss.backward()
-                grads = [p.grad for p in params]
-                for p in params:
-                    p.grad = None
-            with phase(f"z ⊙ g({at})"):
-                add_perturbed_gradients(estimate, grads, eps, scheme=scheme, sign=sign)
-            del loss, grads
+            with phase(f"grad and z ⊙ g ({at})"):
+                mark(loss).backward()
+            del loss
             with phase(f"restore θ from {at}"):
                 moved.close()
     with phase("forward"):

@@ -11,6 +11,7 @@ measured is what the trainer runs:
   accumulation and multiplies it by the loss scale as it always does, and when it
   calls ``.backward()`` on the result the Hessian pass takes over.  Nothing of
   accelerate is patched or re-implemented; :func:`amp_scale` reads its scaler;
+* :func:`perturbed_pass` — the finite-difference estimator's pass at θ ± εz;
 * :func:`micro_batch` — one micro-batch of a Hessian step through the Trainer's own
   ``training_step``, for each estimator (exact, exact in chunks, exact on a sub-batch,
   finite differences).
@@ -41,6 +42,7 @@ __all__ = [
     "amp_scale",
     "split_batch",
     "micro_batch",
+    "perturbed_pass",
     "catch_up",
 ]
 
@@ -231,6 +233,21 @@ def micro_batch(
     return loss
 
 
+@contextlib.contextmanager
+def perturbed_pass(model: torch.nn.Module, estimate: HessianEstimate, eps: float, *, scheme: str = "forward",
+                   sign: int = 1, accelerator=None):
+    """The finite-difference estimator's pass at θ + sign·εz, for the duration.
+
+    Inside: the parameters at θ ± εz (restored bit for bit on exit), the RNG forked (so
+    the pass draws the dropout masks the pass at θ draws after it), no DDP reducer, and
+    the backward of a marked loss (the Trainer's own step, or ``mark(loss).backward()``)
+    folds ±z ⊙ g(θ ± εz) into the estimate, at ``accelerator``'s loss scale.
+    """
+    with torch.random.fork_rng(devices=rng_devices(estimate.params)), no_sync(model), \
+            perturbed(estimate, sign * eps), capture_backward(_fd_sink(estimate, accelerator, eps, scheme, sign)):
+        yield
+
+
 def catch_up(*, model, inputs, num_items_in_batch, estimate: HessianEstimate, stock_step: StockStep, accelerator,
              estimator: str, relative_fd_step: float) -> None:
     """A Hessian-only pass on a micro-batch of a step without a scheduled Hessian (the gradient is done).
@@ -245,8 +262,7 @@ def catch_up(*, model, inputs, num_items_in_batch, estimate: HessianEstimate, st
     if estimator == "finite_difference":
         eps = fd_epsilon(estimate.params, relative_fd_step)
         for sign in (1, -1):
-            with torch.random.fork_rng(devices=rng_devices(estimate.params)), no_sync(model), \
-                    perturbed(estimate, sign * eps), capture_backward(_fd_sink(estimate, accelerator, eps, "central", sign)):
+            with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator):
                 stock_step(model, inputs, num_items_in_batch)
     else:
         with torch.random.fork_rng(devices=rng_devices(estimate.params)), double_backward_ready(model), \
@@ -312,8 +328,7 @@ def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerat
     params = estimate.params
     eps = fd_epsilon(params, relative_step) if estimate.difference is None else estimate.difference[0]
     for sign in ((1, -1) if scheme == "central" else (1,)):
-        with torch.random.fork_rng(devices=rng_devices(params)), no_sync(model), perturbed(estimate, sign * eps), \
-                capture_backward(_fd_sink(estimate, accelerator, eps, scheme, sign)):
+        with perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign, accelerator=accelerator):
             stock_step(model, inputs, num_items)
     return plain(stock_step(model, inputs, num_items))
 

@@ -534,15 +534,22 @@ def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta
 
 def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2: float, hessian_power: float,
                  eps: float, scale: float = 1.0) -> torch.Tensor:
-    """scale·(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen."""
+    """scale·(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen.
+
+    One parameter-sized buffer, as for the plain rule: the per-row work is on row-sized vectors.
+    """
     if row_steps is None:
         return _power_plus_eps_(v.div(1 - beta2**s), hessian_power, eps, scale)
-    counts = _row_view(row_steps, v)
-    seen = counts > 0
-    v_hat = v / (1 - torch.full_like(counts, beta2).pow_(counts))
-    v_hat = torch.where(seen, v_hat, 0.0)
-    fallback = v_hat.sum() / seen.expand_as(v).sum()
-    return _power_plus_eps_(torch.where(seen, v_hat, fallback), hessian_power, eps, scale)
+    seen = row_steps > 0
+    # Rows never seen have v = 0: divide them by 1, then put the fallback in their place.
+    correction = torch.where(seen, 1 - torch.full_like(row_steps, beta2).pow_(row_steps), 1.0)
+    v_hat = v.div(_row_view(correction, v))
+    if v_hat.dim() == 0 or bool(seen.all()):
+        return _power_plus_eps_(v_hat, hessian_power, eps, scale)
+    per_row = v_hat.reshape(v_hat.shape[0], -1)
+    fallback = per_row.sum(dim=1)[seen].sum() / (seen.sum() * per_row.shape[1])
+    per_row[~seen] = fallback
+    return _power_plus_eps_(v_hat, hessian_power, eps, scale)
 
 
 def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, scales, *,
