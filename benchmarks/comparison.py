@@ -6,14 +6,18 @@ run and the AdamW run it is compared with (same seed) are close in time.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 from . import report, stats
-from .options import parse_lr_grid, parse_lr_overrides, pick_optimizers
+from .data import DataFiles, data_files, require_data
+from .machine import child_env
+from .options import comparison_parser, output_dir, parse_lr_grid, parse_lr_overrides, pick_optimizers, resolve_budget
 from .runs import Run, fresh_run_dir, run_child, schedule_args, warmup_steps
-from .specs import BASELINE, Budget, Experiment, OptimizerSpec
+from .specs import BASELINE, Budget, Budgets, Experiment, OptimizerSpec
 
 
 def kind(args) -> str:
@@ -34,6 +38,33 @@ def plan(registry: Mapping[str, OptimizerSpec], args) -> list[Run]:
     else:
         pairs = [(n, lrs[n]) for n in names]
     return [Run(registry[n], lr, seed, lr_in_name=bool(args.lr_grid)) for seed in args.seeds for n, lr in pairs]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A comparison's start, from its command line: what every benchmark's ``main`` needs."""
+
+    args: argparse.Namespace
+    runs: list[Run]
+    budget: Budget
+    folder: Path  # the shared data folder the benchmark reads
+    data: DataFiles  # the files the runs read (quick mode: slices)
+    out_dir: Path
+    env: dict  # the children's environment
+
+
+def setup(module: str, doc: str, registry: Mapping[str, OptimizerSpec], default, budgets: Budgets, name: str,
+          data_name: str | None = None) -> Setup:
+    """Parse the options, plan the runs (a bad ``--optimizers`` or ``--lr_grid`` fails here, before any work),
+    pick the budget, find the data (``data_name``, default ``name``; SKIPPED without them) and cut quick mode's
+    slices, make the output folder's path and the children's environment."""
+    args = comparison_parser(module, doc, list(registry), list(default)).parse_args()
+    runs = plan(registry, args)
+    budget = resolve_budget(args, budgets)
+    folder = require_data(args.data_dir, data_name or name)
+    data = data_files(folder, budget, args.quick)
+    out_dir = output_dir(args, name, kind(args))
+    return Setup(args, runs, budget, folder, data, out_dir, child_env(args.threads, data.datasets_cache))
 
 
 def complete(record: dict, budget: Budget, experiment: Experiment) -> None:
@@ -63,9 +94,9 @@ def compare_to_baseline(records: list[dict]) -> None:
             r["ratios"] = stats.ratios(r, seed_bases[0])
 
 
-def run_comparison(experiment: Experiment, runs: list[Run], args, budget: Budget, env: dict, out_dir: Path,
-                   module: str, extra_meta: dict | None = None) -> list[dict]:
+def run_comparison(experiment: Experiment, start: Setup, module: str, extra_meta: dict | None = None) -> list[dict]:
     """Run the plan, one child per run, then write table.md, results.json, loss.png (and quality.png)."""
+    args, runs, budget, env, out_dir = start.args, start.runs, start.budget, start.env, start.out_dir
     lr_search = bool(args.lr_grid)
     runs_dir = out_dir / "runs"  # git-ignored: Trainer output folders, logs, the partial results
     meta = {

@@ -16,10 +16,7 @@ and every optimizer and seed starts from those same weights. Training goes throu
 from __future__ import annotations
 
 from . import comparison, specs
-from .data import data_files, require_data
-from .machine import child_env
 from .model_folder import build_model
-from .options import comparison_parser, output_dir, resolve_budget
 from .paths import arg_path
 from .specs import Budget, Budgets, Experiment, Metric
 
@@ -30,19 +27,8 @@ HESSIAN_GRID = (0.01, 0.03, 0.1, 0.15, 0.3)
 SOPHIA_GRID = (0.01, 0.03, 0.06, 0.1)
 # Learning rates: the comparison's (from the short search in BENCHMARKS.md) and each optimizer's grid.
 # From scratch, the authors' transformer recipe: |D| averaged over blocks of 32.
-OPTIMIZERS = specs.registry(
-    specs.adamw(5e-4, (2e-4, 5e-4, 1e-3)),
-    specs.adahessian(1, 0.03, HESSIAN_GRID, block_size=32),
-    specs.adahessian(10, 0.03, HESSIAN_GRID, block_size=32, note="lr not searched: adahessian_h1_b32's"),
-    specs.adahessian(1, 0.03, HESSIAN_GRID, block_size=32, hessian_estimator="finite_difference",
-                     note="lr not searched: adahessian_h1_b32's"),
-    specs.torch_optimizer_adahessian(0.03, HESSIAN_GRID),
-    specs.pytorch_optimizer_adahessian(0.03, HESSIAN_GRID),
-    specs.sophiah(1, 0.06, SOPHIA_GRID),
-    specs.sophiah(10, 0.06, SOPHIA_GRID),
-    specs.adahessian_loop(1, 0.03, HESSIAN_GRID, block_size=32),
-)
-DEFAULT = ("adamw_torch", "adahessian_h1_b32", "adahessian_h10_b32")
+OPTIMIZERS = specs.from_scratch_registry(5e-4, (2e-4, 5e-4, 1e-3), 0.03, HESSIAN_GRID, 0.06, SOPHIA_GRID)
+DEFAULT = specs.FROM_SCRATCH_DEFAULT
 
 # Optimizer steps (batch 32), training pairs (None: all 29,000), validation pairs (1,014 in all).
 BUDGETS = Budgets(
@@ -53,15 +39,10 @@ BUDGETS = Budgets(
 
 
 def main() -> None:
-    args = comparison_parser(MODULE, __doc__, list(OPTIMIZERS), list(DEFAULT)).parse_args()
-    runs = comparison.plan(OPTIMIZERS, args)
-    budget = resolve_budget(args, BUDGETS)
-    folder = require_data(args.data_dir, NAME)
-    data = data_files(folder, budget, args.quick)
-    out_dir = output_dir(args, NAME, comparison.kind(args))
-    env = child_env(args.threads, data.datasets_cache)
+    start = comparison.setup(MODULE, __doc__, OPTIMIZERS, DEFAULT, BUDGETS, NAME)
+    data = start.data
     # The vocabulary is trained on the whole training split, whatever the slice.
-    model, build_cmd, build_s = build_model(out_dir, env, "marian", folder / "train.jsonl")
+    model, build_cmd, build_s = build_model(start.out_dir, start.env, "marian", start.folder / "train.jsonl")
     experiment = Experiment(
         name=NAME, title="Marian-small on Multi30k de-en", script="run_translation.py", metric=METRIC,
         budgets=BUDGETS,
@@ -74,7 +55,7 @@ def main() -> None:
         ),
     )
     comparison.run_comparison(
-        experiment, runs, args, budget, env, out_dir, MODULE,
+        experiment, start, MODULE,
         extra_meta={"model_build_command": build_cmd, "model_build_s": build_s, "batch_size": 32,
                     "max_length": 64, "decoding": "greedy"},
     )

@@ -284,6 +284,29 @@ def sophiah(interval: int, lr: float, grid) -> OptimizerSpec:
                 update_period=interval, p=0.01, num_samples=1, hessian_distribution="gaussian", eps=1e-12)
 
 
+def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_lr: float, sophia_grid,
+                          h1_note: str = "") -> dict[str, OptimizerSpec]:
+    """The registry of a transformer trained from scratch (Multi30k, the LM): AdamW; AdaHessian with the
+    authors' transformer recipe (|D| averaged over blocks of 32) at intervals 1 and 10 and by finite
+    differences, the last two at ``adahessian_h1_b32``'s lr; the peers and the plain-loop control."""
+    followed = "lr not searched: adahessian_h1_b32's"
+    return registry(
+        adamw(adamw_lr, adamw_grid),
+        adahessian(1, lr, grid, block_size=32, note=h1_note),
+        adahessian(10, lr, grid, block_size=32, note=followed),
+        adahessian(1, lr, grid, block_size=32, hessian_estimator="finite_difference", note=followed),
+        torch_optimizer_adahessian(lr, grid),
+        pytorch_optimizer_adahessian(lr, grid),
+        sophiah(1, sophia_lr, sophia_grid),
+        sophiah(10, sophia_lr, sophia_grid),
+        adahessian_loop(1, lr, grid, block_size=32),
+    )
+
+
+# The default rows of the from-scratch benchmarks.
+FROM_SCRATCH_DEFAULT = (BASELINE, "adahessian_h1_b32", "adahessian_h10_b32")
+
+
 def build_loop_optimizer(spec: OptimizerSpec, params, lr: float, seed: int):
     """The loop path's optimizer: ``peer_class(params, lr=lr, **peer_kwargs)`` (plus the run's seed)."""
     module, _, name = spec.peer_class.rpartition(".")

@@ -17,9 +17,6 @@ from __future__ import annotations
 from hf_adahessian.examples.demo import minilm_folder
 
 from . import comparison, specs
-from .data import data_files, require_data
-from .machine import child_env
-from .options import comparison_parser, output_dir, resolve_budget
 from .paths import arg_path
 from .specs import Budget, Budgets, Experiment, Metric
 
@@ -66,11 +63,8 @@ BUDGETS = Budgets(
 
 
 def main() -> None:
-    args = comparison_parser(MODULE, __doc__, list(OPTIMIZERS), list(DEFAULT)).parse_args()
-    runs = comparison.plan(OPTIMIZERS, args)
-    budget = resolve_budget(args, BUDGETS)
-    data = data_files(require_data(args.data_dir, NAME), budget, args.quick)
-    out_dir = output_dir(args, NAME, comparison.kind(args))
+    start = comparison.setup(MODULE, __doc__, OPTIMIZERS, DEFAULT, BUDGETS, NAME)
+    data = start.data
     model = minilm_folder()
     experiment = Experiment(
         name=NAME, title="MiniLM on SST-2", script="run_glue.py", metric=METRIC, budgets=BUDGETS,
@@ -82,7 +76,7 @@ def main() -> None:
         ),
     )
     comparison.run_comparison(
-        experiment, runs, args, budget, child_env(args.threads, data.datasets_cache), out_dir, MODULE,
+        experiment, start, MODULE,
         extra_meta={"model": model, "batch_size": 16, "max_seq_length": 64},
     )
 
