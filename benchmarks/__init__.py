@@ -2,16 +2,18 @@
 
     python -m benchmarks.sst2 [--quick] [--seeds 42,43,44] [--eval_every K] [--lr_grid]
     python -m benchmarks.multi30k [--quick] ...
+    python -m benchmarks.lm [--quick] ...
     python -m benchmarks.profile_hessian_step [--quick] [--estimators exact,finite_difference]
     python -m benchmarks.memory_hessian_step [--quick] [--estimators exact,finite_difference]
 
-The four entry points, then one module per job:
+The five entry points, then one module per job:
 
     paths      where things are read and written; records made portable (repository-relative)
     machine    the machine, the library versions, the git commit; the children's environment
     options    command-line options, budgets, seeds, the output folder
     specs      typed specs: OptimizerSpec, Metric, Budget(s), Experiment; building a loop optimizer
     data       the shared data, and quick mode's slices of it
+    model_folder the from-scratch benchmarks' model folder, built by the package's own command
     runs       one child process per (optimizer, lr, seed) and its command line
     comparison the parent's side of a comparison or a learning-rate search
     stats      step-time statistics, mean ± sd over seeds, ratios, the noise rule, time to quality
