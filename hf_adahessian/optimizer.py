@@ -539,7 +539,9 @@ def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2:
     One parameter-sized buffer, as for the plain rule: the per-row work is on row-sized vectors.
     """
     if row_steps is None:
-        return _power_plus_eps_(v.div(1 - beta2**s), hessian_power, eps, scale)
+        # A product by the reciprocal, as the foreach core does: CUDA divides by a scalar that
+        # way, so dividing here would round differently from the foreach kernels there.
+        return _power_plus_eps_(v.mul(1 / (1 - beta2**s)), hessian_power, eps, scale)
     seen = row_steps > 0
     # Rows never seen have v = 0: divide them by 1, then put the fallback in their place.
     correction = torch.where(seen, 1 - torch.full_like(row_steps, beta2).pow_(row_steps), 1.0)
@@ -605,7 +607,7 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
     p32s = [p if p.dtype == _state_dtype(p) else p.float() for p in ps]
     if weight_decay:
         torch._foreach_mul_(p32s, 1 - lr * weight_decay)
-    denoms = torch._foreach_div([exp_hs[i] for i in live], [1 - beta2 ** hsteps[i] for i in live])
+    denoms = torch._foreach_mul([exp_hs[i] for i in live], [1 / (1 - beta2 ** hsteps[i]) for i in live])
     if hessian_power == 1.0:
         torch._foreach_sqrt_(denoms)
     elif hessian_power == 0.0:

@@ -166,7 +166,7 @@ class AdaHessianTrainerMixin:
         """
         self._loss_normalisation_checked = True
         if (not self.model_accepts_loss_kwargs or self.compute_loss_func is not None or num_items_in_batch is None
-                or self.label_smoother is not None or self.loss_is_scaled_for_ga is not None):
+                or self.label_smoother is not None or getattr(self, "loss_is_scaled_for_ga", None) is not None):
             return
         prepared = self._prepare_inputs(inputs)
         losses = []
