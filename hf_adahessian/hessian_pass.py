@@ -218,7 +218,10 @@ def micro_batch(
     micro-batch the estimate is reduced across processes and, for finite
     differences, completed with the gradient at θ.
     """
-    if estimator == "finite_difference":
+    if estimator == "finite_difference" and batch_fraction < 1.0:
+        loss = _finite_difference_sub_batch(model, inputs, num_items_in_batch, estimate, stock_step, accelerator,
+                                            relative_fd_step, batch_fraction, count_items)
+    elif estimator == "finite_difference":
         loss = _finite_difference(model, inputs, num_items_in_batch, estimate, stock_step, accelerator,
                                   relative_fd_step, fd_scheme)
     elif batch_fraction < 1.0:
@@ -299,6 +302,31 @@ def _exact(model, inputs, num_items, estimate, stock_step, accelerator, chunks, 
     return total
 
 
+def _head(inputs, num_items, fraction, count_items):
+    """The first ceil(fraction · B) rows, and the item count that normalises their loss as their own mean."""
+    keep = max(1, math.ceil(fraction * _batch_size(inputs)))
+    ((head, share),) = split_batch(inputs, [keep], count_items)
+    # The head's loss is normalised as the head's own mean: its curvature is an estimate
+    # of the whole batch's, at the same scale.
+    return head, None if num_items is None else num_items * share
+
+
+def _finite_difference_sub_batch(model, inputs, num_items, estimate, stock_step, accelerator, relative_step,
+                                 fraction, count_items):
+    """Central differences on the head of the batch, then the Trainer's own step on all of it.
+
+    z ⊙ (g(θ + εz) − g(θ − εz)) / 2ε needs no gradient at θ of the head alone, so a Hessian
+    step costs 2·fraction passes more than a plain one: curvature every step for a few
+    percent of a step, where a lazy interval would let it go stale.
+    """
+    head, head_items = _head(inputs, num_items, fraction, count_items)
+    eps = fd_epsilon(estimate.params, relative_step) if estimate.difference is None else estimate.difference[0]
+    for sign in (1, -1):
+        with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator):
+            stock_step(model, head, head_items)
+    return plain(stock_step(model, inputs, num_items))
+
+
 def _exact_sub_batch(model, inputs, num_items, estimate, stock_step, accelerator, fraction, count_items):
     """A Hessian-only pass on the head of the batch, then the Trainer's own step for the gradient.
 
@@ -306,12 +334,7 @@ def _exact_sub_batch(model, inputs, num_items, estimate, stock_step, accelerator
     about three plain steps; on a quarter of the batch about three quarters of one,
     for a noisier estimate.  The gradient stays exact and DDP syncs it as usual.
     """
-    batch = _batch_size(inputs)
-    keep = max(1, math.ceil(fraction * batch))
-    ((head, share),) = split_batch(inputs, [keep], count_items)
-    # The head's loss is normalised as the head's own mean: its curvature is an estimate
-    # of the whole batch's, at the same scale.
-    head_items = None if num_items is None else num_items * share
+    head, head_items = _head(inputs, num_items, fraction, count_items)
     # Hessian first: its graph is gone before the full batch's gradient exists.
     with double_backward_ready(model), capture_backward(_exact_sink(estimate, accelerator, add_grad=False)):
         stock_step(model, head, head_items)

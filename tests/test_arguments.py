@@ -248,8 +248,8 @@ def test_out_of_range_optim_arg_is_refused_naming_the_key(tmp_path, optim_args, 
     ({"optim_args": "hessian interval=3"}, ["'hessian interval'", "not a key"]),
     ({"optim_args": "hessian_estimator=secant"}, ["hessian_estimator", "exact", "finite_difference"]),
     ({"optim_args": "hessian_chunks=0"}, ["hessian_chunks", ">= 1"]),
-    ({"optim_args": "hessian_estimator=finite_difference,hessian_batch_fraction=0.5"},
-     ["hessian_batch_fraction", "exact estimator"]),
+    ({"optim_args": "hessian_estimator=finite_difference,hessian_chunks=2"},
+     ["hessian_chunks", "exact estimator"]),
 ])
 def test_bad_trainer_flags_for_adahessian_fail_at_construction_naming_the_flag(tmp_path, flags, words, caplog):
     """Used to surface as a traceback from the optimizer at train() (after an Adam-like-lr warning for a

@@ -213,3 +213,17 @@ def test_without_a_closure_the_finite_difference_optimizer_says_how_to_feed_it()
     with pytest.raises(RuntimeError, match="closure"):
         opt.step()
     assert math.isfinite(next(model.parameters()).sum().item())
+
+
+def test_on_a_sub_batch_central_differences_estimate_the_heads_curvature(make_args, make_bert, make_dataset):
+    """hessian_batch_fraction with finite differences: z ⊙ (g(θ+εz) − g(θ−εz))/2ε on the head of the
+    batch (no gradient at θ of the head alone is needed), the gradient from the whole batch: the
+    estimate is the exact estimator's on the same head rows, to the central difference's error."""
+    estimates = {}
+    for estimator in ("exact", "finite_difference"):
+        optim_args = f"hessian_estimator={estimator},hessian_batch_fraction=0.25"
+        sums, _, _ = first_estimate(make_args, make_bert, make_dataset, optim_args, dropout=0.0)
+        estimates[estimator] = sums
+    assert relative_l2(estimates["finite_difference"], estimates["exact"]) < 0.02
+    full, _, _ = first_estimate(make_args, make_bert, make_dataset, "hessian_estimator=exact", dropout=0.0)
+    assert relative_l2(full, estimates["exact"]) > 0.05  # the head's estimate is not the batch's
