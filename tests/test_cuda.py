@@ -35,7 +35,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from hf_adahessian import AdaHessian, AdaHessianTrainer, AdaHessianTrainingArguments, hessian_pass  # noqa: E402
 from hf_adahessian.probes import Probes  # noqa: E402
-from helpers_optim import assert_all_equal, clone_params  # noqa: E402
+from optim_helpers import assert_all_equal, clone_params  # noqa: E402
 from test_finite_difference import FirstEstimate, relative_l2  # noqa: E402
 
 NO_CUDA = ("no CUDA device here (torch.cuda.is_available() is False); these tests run on a GPU machine: "

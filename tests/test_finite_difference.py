@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_adahessian import AdaHessian, AdaHessianTrainer
-from helpers_optim import assert_all_equal, clone_params, mse, regression_batch, tiny_mlp
+from optim_helpers import assert_all_equal, clone_params, mse, regression_batch, tiny_mlp
 
 FD = "hessian_estimator=finite_difference"
 

@@ -60,12 +60,6 @@ def folders(tmp_path_factory):
     return {t: build_model_folder(t, str(root / t), EN + DE, size="tiny", seed=0) for t in MODEL_TYPES}
 
 
-def test_encoders_seq2seq_models_and_decoders():
-    assert (ENCODER_TYPES, SEQ2SEQ_TYPES, DECODER_TYPES) == (("bert", "squeezebert"), ("marian", "t5", "bart"),
-                                                            ("gpt2", "llama"))
-    assert set(MODEL_TYPES) == set(ENCODER_TYPES + SEQ2SEQ_TYPES + DECODER_TYPES)
-
-
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_folder_holds_config_weights_and_tokenizer(folders, model_type):
     files = set(os.listdir(folders[model_type]))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from hf_adahessian import AdaHessian
-from helpers_optim import assert_all_equal, clone_params, copy_model, mse, regression_batch, tiny_mlp
+from optim_helpers import assert_all_equal, clone_params, copy_model, mse, regression_batch, tiny_mlp
 
 # ``loss.backward(create_graph=True)`` is the documented standalone API; torch warns about
 # the grad <-> graph reference cycle it creates, which AdaHessian.step() breaks.

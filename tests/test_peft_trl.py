@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_adahessian import AdaHessianTrainer, AdaHessianTrainerMixin
-from helpers_optim import assert_all_equal
+from optim_helpers import assert_all_equal
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'hf-adahessian[peft]')")
 
