@@ -44,6 +44,15 @@ OPTIMIZERS = specs.registry(
     # Hz by finite differences of two ordinary gradients (no double backward); lr not searched yet.
     specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_estimator="finite_difference",
                      note="lr not searched: adahessian_h1's"),
+    # The Hessian on one row of the 16 every step: exact, and by central differences (2/16 of a
+    # pass more than a plain step), fresh curvature for a few percent of a step.
+    specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_batch_fraction=0.0625, note="lr not searched: adahessian_h1's"),
+    specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_batch_fraction=0.0625, hessian_estimator="finite_difference",
+                     note="lr not searched: adahessian_h1's"),
+    # The exact full-batch estimate in four chunks: the estimate of adahessian_h1, in less memory.
+    specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_chunks=4, note="adahessian_h1's estimate, in chunks"),
+    # The lazy levers at the fine-tuning recipe's lr (measured in BENCHMARKS.md, "Lazy Hessians").
+    specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, note="the recipe's lr"),
     specs.torch_optimizer_adahessian(0.15, POWER_GRID),
     specs.pytorch_optimizer_adahessian(3e-2, (3e-3, 1e-2, 3e-2, 0.1)),
     specs.sophiah(1, 1e-2, (3e-3, 1e-2, 3e-2)),
