@@ -34,6 +34,8 @@ from .report import fmt, markdown_table, provenance, write_report
 MODULE = "benchmarks.memory_hessian_step"  # how it is run: python -m MODULE
 MB = 2**20
 ADAHESSIAN = {"lr": 1e-3, "block_size": 32, "seed": 0, "hessian_interval": 1}
+SIXTEENTH = 1 / 16  # one row of the batch: the every-step recipe
+CHUNKS = 4
 QUARTER = 0.25
 
 
@@ -85,10 +87,14 @@ def step_kinds(batch: dict, estimators: list[str], fd_scheme: str) -> dict:
             lambda m, p, opt, phase: steps.exact_hessian_step(m, batch, opt, phase), exact)
         kinds[f"adahessian exact Hessian step, 1/{round(1 / QUARTER)} of the batch"] = (
             lambda m, p, opt, phase: steps.sub_batch_hessian_step(m, batch, opt, QUARTER, phase), exact)
+        kinds[f"adahessian exact Hessian step in {CHUNKS} chunks"] = (
+            lambda m, p, opt, phase: steps.chunked_hessian_step(m, batch, opt, CHUNKS, phase), exact)
     if "finite_difference" in estimators:
+        fd = lambda p: AdaHessian(p, hessian_estimator="finite_difference", fd_scheme=fd_scheme, **ADAHESSIAN)  # noqa: E731
         kinds["adahessian finite-difference Hessian step"] = (
-            lambda m, p, opt, phase: steps.finite_difference_hessian_step(m, batch, opt, phase),
-            lambda p: AdaHessian(p, hessian_estimator="finite_difference", fd_scheme=fd_scheme, **ADAHESSIAN))
+            lambda m, p, opt, phase: steps.finite_difference_hessian_step(m, batch, opt, phase), fd)
+        kinds[f"adahessian finite-difference Hessian step, 1/{round(1 / SIXTEENTH)} of the batch"] = (
+            lambda m, p, opt, phase: steps.fd_sub_batch_hessian_step(m, batch, opt, SIXTEENTH, phase), fd)
     return kinds
 
 

@@ -43,11 +43,19 @@ from . import specs
 from .minilm import BATCH_SIZE, MAX_LENGTH, minilm_for_training, setup
 from .options import output_dir, profile_parser
 from .report import fmt, markdown_table, provenance, write_report
-from .steps import PhaseTimer, backward_step, exact_hessian_step, finite_difference_hessian_step
+from .steps import (
+    PhaseTimer,
+    backward_step,
+    chunked_hessian_step,
+    exact_hessian_step,
+    fd_sub_batch_hessian_step,
+    finite_difference_hessian_step,
+)
 
 MODULE = "benchmarks.profile_hessian_step"  # how it is run: python -m MODULE
 # Every AdaHessian here: these settings, and a Hessian on every step (interval 1) unless said.
 ADAHESSIAN = {"lr": 1e-3, "block_size": 32, "seed": 0}
+CHUNKS = 4  # the exact estimate in chunks (hessian_chunks)
 NEVER_AGAIN = 10**9  # an interval after which no second estimate comes: every step after the first is plain
 HESSIAN_STEP = {"exact": "adahessian exact Hessian step", "finite_difference": "adahessian finite-difference Hessian step"}
 HESSIAN_FN = {"exact": exact_hessian_step, "finite_difference": finite_difference_hessian_step}
@@ -69,6 +77,14 @@ def step_kinds(batch: dict, estimators: list[str], fd_scheme: str, peers: bool) 
         m, p = minilm_for_training()
         opt = AdaHessian(p, hessian_interval=1, hessian_estimator=estimator, fd_scheme=fd_scheme, **ADAHESSIAN)
         kinds[HESSIAN_STEP[estimator]] = lambda phase, m=m, opt=opt, fn=HESSIAN_FN[estimator]: fn(m, batch, opt, phase)
+        m, p = minilm_for_training()
+        opt = AdaHessian(p, hessian_interval=1, hessian_estimator=estimator, fd_scheme=fd_scheme, **ADAHESSIAN)
+        if estimator == "exact":
+            kinds[f"{HESSIAN_STEP[estimator]} in {CHUNKS} chunks"] = (
+                lambda phase, m=m, opt=opt: chunked_hessian_step(m, batch, opt, CHUNKS, phase))
+        else:
+            kinds[f"{HESSIAN_STEP[estimator]}, 1/16 of the batch"] = (
+                lambda phase, m=m, opt=opt: fd_sub_batch_hessian_step(m, batch, opt, 1 / 16, phase))
     m, p = minilm_for_training()
     between = AdaHessian(p, hessian_interval=NEVER_AGAIN, **ADAHESSIAN)
     exact_hessian_step(m, batch, between)  # the one estimate: v exists, as between two estimates in training

@@ -29,7 +29,7 @@ import torch
 from torch.profiler import record_function
 
 from hf_adahessian.estimators import fd_epsilon
-from hf_adahessian.hessian_pass import double_backward_ready, mark, perturbed_pass, split_batch
+from hf_adahessian.hessian_pass import chunk_sizes, double_backward_ready, mark, perturbed_pass, split_batch
 
 Phase = Callable[[str], ContextManager]
 MAX_GRAD_NORM = 1.0  # the Trainer's default clipping
@@ -164,3 +164,58 @@ def finite_difference_hessian_step(model, batch: dict, optimizer, phase: Phase =
     del estimate
     finish_step(optimizer, params, phase)
     return loss.detach()
+
+
+def chunked_hessian_step(model, batch: dict, optimizer, chunks: int, phase: Phase = no_phase):
+    """``hessian_chunks``: the exact estimator on consecutive chunks of the batch, each weighted by its
+    share of the items (the whole batch's estimate and gradient), one chunk's graph at a time."""
+    estimate = optimizer.estimate()
+    rows = batch["labels"].shape[0]
+    parts = split_batch(batch, chunk_sizes(rows, chunks), count_labels)
+    total = 0.0
+    for i, (part, share) in enumerate(parts):
+        with double_backward_ready(model):
+            with phase("forward"):
+                loss = model(**part).loss * share
+            with phase("grad (graph)"):
+                grads = torch.autograd.grad(loss, estimate.params, create_graph=True, allow_unused=True)
+            with phase("Hessian-vector"):
+                estimate.accumulate(grads=grads)
+        total += float(loss.detach())
+        del loss, grads
+    params = estimate.params
+    del estimate
+    finish_step(optimizer, params, phase)
+    return total
+
+
+def fd_sub_batch_hessian_step(model, batch: dict, optimizer, fraction: float, phase: Phase = no_phase):
+    """``hessian_batch_fraction`` with finite differences: central differences on the head of the
+    batch (``hessian_pass.perturbed_pass`` at θ ± εz), then the ordinary gradient on all of it."""
+    estimate = optimizer.estimate()
+    params = estimate.params
+    rows = batch["labels"].shape[0]
+    ((head, _share),) = split_batch(batch, [max(1, math.ceil(fraction * rows))], count_labels)
+    eps = fd_epsilon(params, optimizer.relative_fd_step())
+    for sign in (1, -1):
+        at = "θ+εz" if sign > 0 else "θ−εz"
+        with contextlib.ExitStack() as moved:
+            with phase(f"perturb {at}"):
+                moved.enter_context(perturbed_pass(model, estimate, eps, scheme="central", sign=sign))
+            with phase(f"forward on the head ({at})"):
+                loss = model(**head).loss
+            with phase(f"grad and z ⊙ g on the head ({at})"):
+                mark(loss).backward()
+            del loss
+            with phase(f"restore θ from {at}"):
+                moved.close()
+    with phase("forward"):
+        loss = model(**batch).loss
+    with phase("backward"):
+        loss.backward()
+    with phase("difference"):
+        estimate.finish_()
+    del estimate
+    finish_step(optimizer, params, phase)
+    return loss.detach()
+
