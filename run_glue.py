@@ -24,6 +24,8 @@ A port of transformers' examples/pytorch/text-classification/run_glue.py (5.x). 
   * local files are loaded one at a time, so a test file may come without labels; `.jsonl` is accepted;
   * `--do_predict` no longer needs a test split unless it is asked for; `--preprocessing_num_workers` is there;
   * `--overwrite_output_dir`, which transformers 5 dropped, is back (in the AdaHessian argument classes);
+  * `--use_peft` (with TRL's `--lora_r`, `--lora_alpha`, `--lora_dropout`, `--lora_target_modules`) trains LoRA
+    adapters and the new head instead of the whole model (needs peft: `pip install 'hf-adahessian[peft]'`);
   * auto-resume skips a checkpoint folder that a kill left incomplete, and says so;
   * bad arguments or data end in one line, `error: ...`, and exit status 2, instead of a traceback.
 """
@@ -52,6 +54,7 @@ from transformers import (
 
 from hf_adahessian import AdaHessianTrainer, AdaHessianTrainingArguments
 from hf_adahessian.examples.script_support import ModelArguments, UsageError, detect_last_checkpoint, parse_arguments, run_script, setup_logging
+from hf_adahessian.examples.lora import LoraArguments, apply_lora
 from hf_adahessian.examples.metrics import GLUE_TASKS, glue_metrics
 
 
@@ -233,8 +236,8 @@ def main():
     # or by passing the --help flag to this script.
     # We now keep distinct sets of args, for a cleaner separation of concerns.
 
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, AdaHessianTrainingArguments))
-    model_args, data_args, training_args = parse_arguments(parser)
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, AdaHessianTrainingArguments, LoraArguments))
+    model_args, data_args, training_args, lora_args = parse_arguments(parser)
     setup_logging(logger, training_args)
     last_checkpoint = detect_last_checkpoint(logger, training_args)
 
@@ -367,6 +370,8 @@ def main():
         trust_remote_code=model_args.trust_remote_code,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
+    # --use_peft: LoRA adapters (and the new head) are what trains; the base stays frozen.
+    model = apply_lora(model, lora_args, task_type="SEQ_CLS")
 
     # Preprocessing the raw_datasets
     if data_args.task_name is not None:

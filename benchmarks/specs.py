@@ -148,6 +148,8 @@ class OptimizerSpec:
     peer_class: str | None = None
     peer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     seed_kwarg: str | None = None
+    # The script's own flags this row adds (``--use_peft ...``): a setting of the model, not the optimizer.
+    script_extra: tuple[str, ...] = ()
     note: str = ""
 
     def __post_init__(self):
@@ -160,6 +162,9 @@ class OptimizerSpec:
         if period is not None and period != self.hessian_interval:
             raise ValueError(f"{self.name}: hessian_interval {self.hessian_interval} but the optimizer's is {period}")
         object.__setattr__(self, "grid", tuple(self.grid))
+        object.__setattr__(self, "script_extra", tuple(self.script_extra))
+        if self.script_extra and self.path != "trainer":
+            raise ValueError(f"{self.name}: script flags need the script's Trainer (path='trainer')")
 
     def script_args(self) -> list[str]:
         """The script's optimizer flags (a loop run still needs some --optim; the loop never uses it)."""
@@ -168,7 +173,7 @@ class OptimizerSpec:
         args = ["--optim", self.optim]
         if self.optim_args:
             args += ["--optim_args", ",".join(f"{k}={_value(v)}" for k, v in self.optim_args.items())]
-        return args
+        return args + list(self.script_extra)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,6 +254,17 @@ def adahessian(interval: int, lr: float, grid, note: str = "", **knobs) -> Optim
     name = f"adahessian_h{interval}" + _suffixes(all_knobs)
     return OptimizerSpec(name, lr, grid, "trainer", interval, optim="adahessian",
                          optim_args={"hessian_interval": interval, **all_knobs}, note=note)
+
+
+# LoRA as the benchmarks run it: run_glue.py's --use_peft (TRL's flag names) on the attention's query and value.
+LORA_FLAGS = ("--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
+              "--lora_target_modules", "query", "value")
+
+
+def lora(spec: OptimizerSpec, lr: float, grid, note: str = "") -> OptimizerSpec:
+    """``spec`` training LoRA adapters (and the new head) instead of the whole model: ``<name>_lora``."""
+    return dataclasses.replace(spec, name=f"{spec.name}_lora", lr=lr, grid=tuple(grid),
+                               script_extra=spec.script_extra + LORA_FLAGS, note=note)
 
 
 def adahessian_loop(interval: int, lr: float, grid, note: str = "", **knobs) -> OptimizerSpec:

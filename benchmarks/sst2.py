@@ -53,6 +53,12 @@ OPTIMIZERS = specs.registry(
     specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_chunks=4, note="adahessian_h1's estimate, in chunks"),
     # The lazy levers at the fine-tuning recipe's lr (measured in BENCHMARKS.md, "Lazy Hessians").
     specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, note="the recipe's lr"),
+    # LoRA (r 8 on query and value, the head trained in full): the time and memory of a Hessian through a
+    # frozen base. Adapters take larger steps than full fine-tuning; AdamW's 1e-3 is the usual LoRA value.
+    specs.lora(specs.adamw(1e-4, ()), 1e-3, (3e-4, 1e-3, 3e-3), note="lr not searched: the usual LoRA value"),
+    specs.lora(specs.adahessian(1, 3e-2, ()), 3e-2, HESSIAN_GRID, note="lr not searched: adahessian_h1's"),
+    specs.lora(specs.adahessian(1, 3e-2, (), hessian_batch_fraction=0.0625, hessian_estimator="finite_difference"),
+               3e-2, HESSIAN_GRID, note="lr not searched: adahessian_h1's"),
     specs.torch_optimizer_adahessian(0.15, POWER_GRID),
     specs.pytorch_optimizer_adahessian(3e-2, (3e-3, 1e-2, 3e-2, 0.1)),
     specs.sophiah(1, 1e-2, (3e-3, 1e-2, 3e-2)),

@@ -153,6 +153,30 @@ def test_sst2_adahessian_train_eval_predict_then_resume(bert, data, env, tmp_pat
     assert (out / "checkpoint-6").is_dir()
 
 
+def test_use_peft_trains_lora_adapters_and_the_head_with_adahessian(bert, data, env, tmp_path):
+    pytest.importorskip("peft", reason="peft is not installed (pip install 'hf-adahessian[peft]')")
+    out = tmp_path / "out"
+    run_glue(
+        env, "--model_name_or_path", bert, "--task_name", "sst2", "--train_file", data["sst2", "train"],
+        "--validation_file", data["sst2", "validation"], "--do_train", "--do_eval", "--max_steps", "3",
+        "--output_dir", out, *COMMON, *adahessian(), "--use_peft", "--lora_r", "4", "--lora_target_modules", "query",
+        "value",
+    )  # fmt: skip
+    config = _json(out / "adapter_config.json")
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["query", "value"]
+    assert config["task_type"] == "SEQ_CLS"
+    # What was saved is the adapter (and the head peft keeps beside it), not a whole model.
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert any("lora_A" in n for n in names) and any("classifier" in n for n in names)
+    assert not any("encoder.layer.0.attention.self.key" in n for n in names)  # frozen base, not saved
+    assert [h["hessian_updates"] for h in _train_logs(out)] == [1, 2, 3]
+    assert 0.0 <= _json(out / "eval_results.json")["eval_accuracy"] <= 1.0
+
+
 def test_mrpc_sentence_pairs_squeezebert_adahessian(squeezebert, data, env, tmp_path):
     out = tmp_path / "out"
     run_glue(
@@ -263,6 +287,10 @@ def _bad_input_cases(data, root):
             ["--task_name", "sst2", *train, "--optim", "adahessian", "--optim_args", "block_size=2,block_size=4"],
             ["block_size", "twice"],
         ),
+        "lora_rank_zero": (
+            ["--task_name", "sst2", *train, "--use_peft", "--lora_r", "0"],
+            ["--lora_r", "positive"],
+        ),
         "adamw_checkpoint": (
             ["--task_name", "sst2", *train, "--optim", "adahessian", "--resume_from_checkpoint", adamw_checkpoint],
             ["saved_by_adamw", "another optimizer", "--optim adahessian"],
@@ -272,7 +300,7 @@ def _bad_input_cases(data, root):
 
 BAD_INPUT = ["unknown_task", "no_data", "wrong_extension", "missing_file", "missing_text_column", "unknown_label",
              "empty_text_cell", "label_not_in_training_data", "output_dir_not_empty", "bad_optim_args",
-             "negative_learning_rate", "infinite_eps", "repeated_optim_args_key", "adamw_checkpoint"]  # fmt: skip
+             "negative_learning_rate", "infinite_eps", "repeated_optim_args_key", "lora_rank_zero", "adamw_checkpoint"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
