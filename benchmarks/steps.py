@@ -131,26 +131,21 @@ def sub_batch_hessian_step(model, batch: dict, optimizer, fraction: float, phase
     return loss.detach()
 
 
-def finite_difference_hessian_step(model, batch: dict, optimizer, phase: Phase = no_phase):
-    """AdaHessian's finite-difference Hessian step: the pass at θ + εz (and θ − εz, central), then at θ.
-
-    With the trainer's own ``hessian_pass.perturbed_pass``: the perturbed passes first (θ ± εz,
-    the RNG forked, each gradient folded into the estimate as ±z ⊙ g(θ ± εz), θ restored bit
-    for bit on exit); then the ordinary forward and backward at θ, and ``finish_()`` makes
-    z ⊙ (g(θ + εz) − g(θ)) / ε (forward) or z ⊙ (g(θ + εz) − g(θ − εz)) / 2ε (central).
-    """
+def _difference_step(model, batch: dict, perturbed_batch: dict, optimizer, scheme: str, phase: Phase,
+                     label: str = ""):
+    """The perturbed passes on ``perturbed_batch`` (θ + εz, and θ − εz for central), then the
+    ordinary forward and backward on ``batch`` at θ, ``finish_()`` and the update."""
     estimate = optimizer.estimate()
     params = estimate.params
-    scheme = optimizer.fd_scheme
     eps = fd_epsilon(params, optimizer.relative_fd_step())
     for sign in (1, -1) if scheme == "central" else (1,):
         at = "θ+εz" if sign > 0 else "θ−εz"
         with contextlib.ExitStack() as moved:
             with phase(f"perturb {at}"):
                 moved.enter_context(perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign))
-            with phase(f"forward ({at})"):
-                loss = model(**batch).loss
-            with phase(f"grad and z ⊙ g ({at})"):
+            with phase(f"forward{label} ({at})"):
+                loss = model(**perturbed_batch).loss
+            with phase(f"grad and z ⊙ g{label} ({at})"):
                 mark(loss).backward()
             del loss
             with phase(f"restore θ from {at}"):
@@ -164,6 +159,17 @@ def finite_difference_hessian_step(model, batch: dict, optimizer, phase: Phase =
     del estimate
     finish_step(optimizer, params, phase)
     return loss.detach()
+
+
+def finite_difference_hessian_step(model, batch: dict, optimizer, phase: Phase = no_phase):
+    """AdaHessian's finite-difference Hessian step: the pass at θ + εz (and θ − εz, central), then at θ.
+
+    With the trainer's own ``hessian_pass.perturbed_pass``: the perturbed passes first (θ ± εz,
+    the RNG forked, each gradient folded into the estimate as ±z ⊙ g(θ ± εz), θ restored bit
+    for bit on exit); then the ordinary forward and backward at θ, and ``finish_()`` makes
+    z ⊙ (g(θ + εz) − g(θ)) / ε (forward) or z ⊙ (g(θ + εz) − g(θ − εz)) / 2ε (central).
+    """
+    return _difference_step(model, batch, batch, optimizer, optimizer.fd_scheme, phase)
 
 
 def chunked_hessian_step(model, batch: dict, optimizer, chunks: int, phase: Phase = no_phase):
@@ -192,30 +198,7 @@ def chunked_hessian_step(model, batch: dict, optimizer, chunks: int, phase: Phas
 def fd_sub_batch_hessian_step(model, batch: dict, optimizer, fraction: float, phase: Phase = no_phase):
     """``hessian_batch_fraction`` with finite differences: central differences on the head of the
     batch (``hessian_pass.perturbed_pass`` at θ ± εz), then the ordinary gradient on all of it."""
-    estimate = optimizer.estimate()
-    params = estimate.params
     rows = batch["labels"].shape[0]
     ((head, _share),) = split_batch(batch, [max(1, math.ceil(fraction * rows))], count_labels)
-    eps = fd_epsilon(params, optimizer.relative_fd_step())
-    for sign in (1, -1):
-        at = "θ+εz" if sign > 0 else "θ−εz"
-        with contextlib.ExitStack() as moved:
-            with phase(f"perturb {at}"):
-                moved.enter_context(perturbed_pass(model, estimate, eps, scheme="central", sign=sign))
-            with phase(f"forward on the head ({at})"):
-                loss = model(**head).loss
-            with phase(f"grad and z ⊙ g on the head ({at})"):
-                mark(loss).backward()
-            del loss
-            with phase(f"restore θ from {at}"):
-                moved.close()
-    with phase("forward"):
-        loss = model(**batch).loss
-    with phase("backward"):
-        loss.backward()
-    with phase("difference"):
-        estimate.finish_()
-    del estimate
-    finish_step(optimizer, params, phase)
-    return loss.detach()
+    return _difference_step(model, batch, head, optimizer, "central", phase, label=" on the head")
 
