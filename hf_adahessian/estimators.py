@@ -207,8 +207,9 @@ def fd_epsilon(params: Sequence[torch.Tensor], relative_step: float) -> float:
     """ε such that ‖εz‖ = relative_step · ‖θ‖ (z of ±1 entries: ‖z‖² is the parameter count)."""
     if not params:
         return relative_step
-    norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32).to(params[0].device)
-                         for p in params])
+    # At least fp32 (a bf16 norm of millions of entries loses digits), never narrower than θ (fp64 models).
+    norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.promote_types(p.dtype, torch.float32))
+                         .to(params[0].device, torch.float64) for p in params])
     theta = float(torch.linalg.vector_norm(norms))
     count = sum(p.numel() for p in params)
     theta = theta if math.isfinite(theta) and theta > 0 else 1.0
