@@ -32,6 +32,7 @@ def dry_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), (out / "table.md").read_text(), proc.stdout
 
 
+@pytest.mark.slow  # a variant end to end: the slow suite (CI runs it), see setup.cfg
 def test_the_cpu_dry_run_writes_every_configuration_with_its_ratios(dry_run):
     out, meta, table, stdout = dry_run
     records = meta["configurations"]
@@ -67,6 +68,7 @@ def test_the_cpu_dry_run_writes_every_configuration_with_its_ratios(dry_run):
     assert table.strip() in stdout  # printed as well
 
 
+@pytest.mark.slow  # a variant end to end: the slow suite (CI runs it), see setup.cfg
 def test_a_spent_time_budget_still_writes_the_report_marked_partial(tmp_path):
     proc = run_module("-m", "benchmarks.gpu", "--device", "cpu", "--quick", "--time_budget", "0",
                       "--output_dir", str(tmp_path))
@@ -136,6 +138,7 @@ def test_ci_runs_the_dry_run_after_the_other_quick_benchmarks():
         "python -m benchmarks.memory_hessian_step --quick")
 
 
+@pytest.mark.slow  # a pytest run of its own: the slow suite (CI runs it), see setup.cfg
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the CUDA tests run instead of skipping")
 def test_without_a_gpu_every_cuda_test_skips_saying_why():
     proc = run_module("-m", "pytest", "tests/test_cuda.py", "-q", "-rs", "-p", "no:cacheprovider", timeout=120)

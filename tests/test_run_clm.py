@@ -60,6 +60,7 @@ def test_plain_text_train_eval_then_resume(files, env, tmp_path):
     assert [h["step"] for h in _train_logs(out)] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # a variant end to end: the slow suite (CI runs it), see setup.cfg
 def test_one_field_of_a_json_lines_column_without_a_validation_file(files, env, tmp_path):
     out = tmp_path / "out"
     run_clm(env, "--model_name_or_path", files["gpt2"], "--train_file", files["root"] / "pairs.jsonl",

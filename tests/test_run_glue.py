@@ -153,6 +153,7 @@ def test_sst2_adahessian_train_eval_predict_then_resume(bert, data, env, tmp_pat
     assert (out / "checkpoint-6").is_dir()
 
 
+@pytest.mark.slow  # a variant end to end: the slow suite (CI runs it), see setup.cfg
 def test_use_peft_trains_lora_adapters_and_the_head_with_adahessian(bert, data, env, tmp_path):
     pytest.importorskip("peft", reason="peft is not installed (pip install 'hf-adahessian[peft]')")
     out = tmp_path / "out"
@@ -177,6 +178,7 @@ def test_use_peft_trains_lora_adapters_and_the_head_with_adahessian(bert, data, 
     assert 0.0 <= _json(out / "eval_results.json")["eval_accuracy"] <= 1.0
 
 
+@pytest.mark.slow  # a variant end to end: the slow suite (CI runs it), see setup.cfg
 def test_mrpc_sentence_pairs_squeezebert_adahessian(squeezebert, data, env, tmp_path):
     out = tmp_path / "out"
     run_glue(
@@ -192,6 +194,7 @@ def test_mrpc_sentence_pairs_squeezebert_adahessian(squeezebert, data, env, tmp_
     assert results["eval_combined_score"] == pytest.approx((results["eval_accuracy"] + results["eval_f1"]) / 2)
 
 
+@pytest.mark.slow  # a variant end to end: the slow suite (CI runs it), see setup.cfg
 def test_stsb_regression_csv_adamw(bert, data, env, tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-1").mkdir(parents=True)  # not a usable checkpoint: resuming from it would fail
@@ -212,6 +215,7 @@ def test_stsb_regression_csv_adamw(bert, data, env, tmp_path):
     float(lines[1].split("\t")[1])
 
 
+@pytest.mark.slow  # a variant end to end: the slow suite (CI runs it), see setup.cfg
 def test_plain_files_without_task_use_upstream_defaults(bert, data, env, tmp_path):
     # No --task_name: the 'label' column, the text columns found, sorted label values, accuracy.
     out = tmp_path / "out"

@@ -116,6 +116,7 @@ def test_marian_adahessian_generate_then_resume_from_checkpoint(marian, data, en
     assert all(math.isfinite(h["loss"]) for h in logs)
 
 
+@pytest.mark.slow  # a variant end to end: the slow suite (CI runs it), see setup.cfg
 def test_t5_source_prefix_adamw(t5, data, env, tmp_path):
     out = tmp_path / "out"
     result = run_translation(
@@ -131,6 +132,7 @@ def test_t5_source_prefix_adamw(t5, data, env, tmp_path):
     assert (out / "generated_predictions.txt").is_file()
 
 
+@pytest.mark.slow  # a variant end to end: the slow suite (CI runs it), see setup.cfg
 def test_bart_adahessian_beams_and_padding(bart, data, env, tmp_path):
     out = tmp_path / "out"
     run_translation(
