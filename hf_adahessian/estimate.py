@@ -23,7 +23,7 @@ import torch
 
 from .distributed import all_reduce_mean_
 from .estimators import accumulate_exact
-from .probes import Probes, estimate_dtype
+from .probes import Probes, estimate_dtype, is_dtensor
 
 __all__ = ["HessianEstimate", "block_average", "block_average_", "observed_rows"]
 
@@ -138,6 +138,11 @@ class HessianEstimate:
         and, if the estimate made gradients, a zero gradient on the others, and a
         gradient that is None on every process is None again afterwards.
         """
+        if any(is_dtensor(p) for p in self.params):
+            # Sharded (FSDP2): the gradients these sums were made from were reduce-scattered by FSDP,
+            # so each shard's sum already is the average over processes.
+            self.reduced = True
+            return
         tensors = list(self.filled())
         grads = []
         if self.made_gradients:

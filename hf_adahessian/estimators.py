@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from .probes import Probes, estimate_dtype
+from .probes import Probes, estimate_dtype, is_dtensor
 
 if TYPE_CHECKING:
     from .estimate import HessianEstimate
@@ -208,8 +208,10 @@ def fd_epsilon(params: Sequence[torch.Tensor], relative_step: float) -> float:
     if not params:
         return relative_step
     # At least fp32 (a bf16 norm of millions of entries loses digits), never narrower than θ (fp64 models).
-    norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.promote_types(p.dtype, torch.float32))
-                         .to(params[0].device, torch.float64) for p in params])
+    # A sharded (FSDP2) parameter's norm is completed across its shards: every rank takes the same ε.
+    norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+    norms = torch.stack([(n.full_tensor() if is_dtensor(n) else n).to(norms[0].device, torch.float64)
+                         for n in norms])
     theta = float(torch.linalg.vector_norm(norms))
     count = sum(p.numel() for p in params)
     theta = theta if math.isfinite(theta) and theta > 0 else 1.0

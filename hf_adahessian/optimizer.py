@@ -38,6 +38,7 @@ from torch.optim.optimizer import Optimizer
 
 from .estimate import HessianEstimate, block_average_, observed_rows
 from .estimators import FD_STEP, closure_difference
+from .probes import is_dtensor
 from .validation import HyperparameterError, check_group_hyperparameters, check_optimizer_hyperparameters
 
 __all__ = ["AdaHessian", "HessianStats", "adahessian"]
@@ -281,10 +282,10 @@ class AdaHessian(Optimizer):
 
         # One host sync per step: is the gradient finite; on Hessian steps, is the
         # estimate, and which tensors did it observe only in part.
-        norms = [n.float() for n in torch._foreach_norm(grads)] if grads else []
+        norms = [_whole(n).float() for n in torch._foreach_norm(grads)] if grads else []
         checks = [torch.stack(norms).sum()] if grads else []
         for d, rows in diags.values():
-            checks += [d.sum().float(), rows.logical_not().sum().float()]
+            checks += [_whole(d.sum()).float(), _whole(rows.logical_not().sum()).float()]
         if self.stale_guard:
             checks += norms
         device = checks[0].device if checks else None
@@ -369,8 +370,8 @@ class AdaHessian(Optimizer):
             if d is not None:
                 if rows is not None and "row_hessian_steps" not in state:
                     # The first step that saw only some rows: from now on each row counts its own.
-                    state["row_hessian_steps"] = torch.full(rows.shape, float(state["hessian_step"]),
-                                                            dtype=torch.float32, device=p.device)
+                    state["row_hessian_steps"] = torch.full_like(rows, float(state["hessian_step"]),
+                                                                 dtype=torch.float32)
                 state["hessian_step"] += 1
                 if "row_hessian_steps" in state:
                     state["row_hessian_steps"].add_(1.0 if rows is None else rows.to(torch.float32))
@@ -451,6 +452,11 @@ class AdaHessian(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_estimate", None)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A reduction of a sharded (FSDP2) tensor completed across the shards; anything else as it is."""
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 # ---------------------------------------------------------------------- functional core
@@ -548,9 +554,12 @@ def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2:
     v_hat = v.div(_row_view(correction, v))
     if v_hat.dim() == 0 or bool(seen.all()):
         return _power_plus_eps_(v_hat, hessian_power, eps, scale)
-    per_row = v_hat.reshape(v_hat.shape[0], -1)
-    fallback = per_row.sum(dim=1)[seen].sum() / (seen.sum() * per_row.shape[1])
-    per_row[~seen] = fallback
+    # Masks rather than indexing, so that a sharded (FSDP2) tensor reduces across its shards; the
+    # mean is a host scalar, as the coverage test above already is.
+    row_sums = v_hat.reshape(v_hat.shape[0], -1).sum(dim=1)
+    row_width = v_hat.numel() // v_hat.shape[0]
+    fallback = float(torch.where(seen, row_sums, 0.0).sum()) / (float(seen.sum()) * row_width)
+    v_hat.masked_fill_(_row_view(seen.logical_not(), v_hat), fallback)
     return _power_plus_eps_(v_hat, hessian_power, eps, scale)
 
 

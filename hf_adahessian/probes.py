@@ -54,7 +54,19 @@ class Probes:
         if generator is None:
             generator = self._generators[like.device] = torch.Generator(device=like.device)
         generator.manual_seed(_mix(self.seed, self.step, index, sample))
+        if is_dtensor(like):
+            # A shard of a sharded parameter (FSDP2) takes its slice of the probe one process would
+            # draw for the whole tensor: every rank draws it whole and keeps its own part.
+            from torch.distributed.tensor import distribute_tensor
+
+            whole = rademacher_like(torch.empty(like.shape, device=like.to_local().device), generator, dtype)
+            return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
         return rademacher_like(like, generator, dtype)
+
+
+def is_dtensor(t) -> bool:
+    """A DTensor (a parameter sharded by FSDP2), told apart without importing torch.distributed."""
+    return type(t).__name__ == "DTensor"
 
 
 def estimate_dtype(p: torch.Tensor) -> torch.dtype:
