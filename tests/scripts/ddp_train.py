@@ -308,14 +308,17 @@ def run_case(name: str, batch: int, out: Path) -> None:
     (case_dir / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(description: str = __doc__.splitlines()[0], cases: dict = CASES, run=None, setup=None) -> None:
+    """Parse --out/--batch/--cases and run each case; fsdp_train.py reuses it with its own cases."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--batch", required=True, type=int, help="per-device train batch size")
-    parser.add_argument("--cases", required=True, help=f"comma-separated, of: {', '.join(CASES)}")
+    parser.add_argument("--cases", required=True, help=f"comma-separated, of: {', '.join(cases)}")
     ns = parser.parse_args()
+    if setup is not None:
+        setup()
     for name in ns.cases.split(","):
-        run_case(name, ns.batch, ns.out)
+        (run or run_case)(name, ns.batch, ns.out)
 
 
 if __name__ == "__main__":

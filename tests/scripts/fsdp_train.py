@@ -17,7 +17,6 @@ set-ups, so on CPU the Trainer's ``--fsdp`` trains with DDP; the package refuses
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -101,16 +100,13 @@ def run_case(name: str, batch: int, out: Path) -> None:
     (case_dir / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--batch", required=True, type=int, help="per-device train batch size")
-    parser.add_argument("--cases", required=True, help=f"comma-separated, of: {', '.join(CASES)}")
-    ns = parser.parse_args()
+def init_process_group() -> None:
     if "RANK" in os.environ:  # under torchrun
         dist.init_process_group("gloo")
-    for name in ns.cases.split(","):
-        run_case(name, ns.batch, ns.out)
+
+
+def main() -> None:
+    ddp_train.main(__doc__.splitlines()[0], CASES, run_case, setup=init_process_group)
 
 
 if __name__ == "__main__":
