@@ -251,21 +251,29 @@ class _AdaHessianArgumentsMixin:
         settings = parse_optim_args(self.optim_args)
         validate(settings, self)
         object.__setattr__(self, "_adahessian_settings", settings)
-        exact = settings.optimizer_kwargs["hessian_estimator"] == "exact"
-        unsupported = []
+        estimator = settings.optimizer_kwargs["hessian_estimator"]
+        exact = estimator == "exact"
         if self.fsdp:
-            unsupported.append("--fsdp")
-        if self.deepspeed:
-            unsupported.append("--deepspeed")
-        if self.torch_compile and exact:
-            unsupported.append("--torch_compile")
-        if unsupported:
             raise SettingsError(
-                f"--optim adahessian does not support {' and '.join(unsupported)} with "
-                f"hessian_estimator={settings.optimizer_kwargs['hessian_estimator']}: the exact estimator's double "
-                "backward needs full, uncompiled parameters on each process. Use "
-                "--optim_args hessian_estimator=finite_difference (two ordinary backwards) with --torch_compile, "
-                "or plain data parallelism (accelerate launch / torchrun without FSDP or DeepSpeed)."
+                "--optim adahessian does not support --fsdp through the Trainer yet: accelerate applies FSDP "
+                "only on GPU set-ups (on CPU it trains with DDP instead), so this path is untested here. "
+                "Sharded training works with the standalone optimizer: wrap the model with "
+                "torch.distributed.fsdp.fully_shard and call AdaHessian(params, "
+                "hessian_estimator='finite_difference').step(closure) (README, 'Sharded training'); "
+                "or drop --fsdp for plain data parallelism (accelerate launch / torchrun)."
+            )
+        if self.deepspeed:
+            raise SettingsError(
+                "--optim adahessian does not support --deepspeed: ZeRO partitions the gradients and the optimizer "
+                "state behind its own engine, which neither estimator's Hessian pass can reach. Drop --deepspeed "
+                "for plain data parallelism (accelerate launch / torchrun), or shard with FSDP2 and the standalone "
+                "optimizer (README, 'Sharded training')."
+            )
+        if self.torch_compile and exact:
+            raise SettingsError(
+                "--optim adahessian does not support --torch_compile with hessian_estimator=exact: the double "
+                "backward cannot go through a compiled graph (aot_autograd refuses it). Add "
+                "--optim_args hessian_estimator=finite_difference (two ordinary backwards), which runs compiled."
             )
         for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
             kwargs = getattr(self, name, None)

@@ -315,6 +315,16 @@ def test_fsdp_and_torch_compile_are_refused_at_start_up(tmp_path, extra, flag):
     assert "adahessian" in message
 
 
+@pytest.mark.parametrize("estimator", ["exact", "finite_difference"])
+def test_fsdp_refusal_points_to_the_standalone_optimizer_under_fully_shard(tmp_path, estimator):
+    with pytest.raises(ValueError) as err:
+        AdaHessianTrainingArguments(output_dir=str(tmp_path), optim="adahessian", learning_rate=0.1, use_cpu=True,
+                                    fsdp=True, optim_args=f"hessian_estimator={estimator}")
+    message = str(err.value)
+    assert "--fsdp" in message and "fully_shard" in message and "finite_difference" in message
+    assert "double backward" not in message  # the refusal is about the Trainer's path, whichever estimator
+
+
 @pytest.fixture
 def deepspeed_stubbed(monkeypatch):
     """The stock ``__post_init__`` builds DeepSpeed's config objects, which need the deepspeed
