@@ -1,0 +1,30 @@
+"""The lazy-Hessian trace's own pieces (``benchmarks/lazy_trace.py``); CI runs it in quick mode."""
+
+import argparse
+
+import pytest
+
+from benchmarks.lazy_trace import DEFAULT_SETTINGS, parse_settings, window_max
+
+
+def test_settings_parse_into_adahessian_keyword_arguments():
+    settings = parse_settings("h10=hessian_interval=10,update_clip=1.0,fd_scheme=central;h1=hessian_interval=1")
+    assert settings == {"h10": {"hessian_interval": 10, "update_clip": 1.0, "fd_scheme": "central"},
+                        "h1": {"hessian_interval": 1}}
+    assert list(parse_settings(DEFAULT_SETTINGS)) == ["h1", "h10", "h10_w15", "h10_w15_clip1"]
+
+
+@pytest.mark.parametrize("text", ["", "h10", "h10=hessian_interval"])
+def test_malformed_settings_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_settings(text)
+
+
+def test_window_max_takes_the_largest_step_inside_the_window_and_skips_unmeasured_steps():
+    steps = [{"step": 1, "max_update_over_lr": None, "tensor": "a"},
+             {"step": 2, "max_update_over_lr": 3.0, "tensor": "b"},
+             {"step": 10, "max_update_over_lr": 7.0, "tensor": "c"},
+             {"step": 11, "max_update_over_lr": 50.0, "tensor": "d"}]
+    assert window_max(steps, 2, 10) == (7.0, "c (step 10)")
+    assert window_max(steps, 11, None) == (50.0, "d (step 11)")
+    assert window_max(steps, 12, None) == (None, "–")
