@@ -77,12 +77,20 @@ def complete(record: dict, budget: Budget, experiment: Experiment) -> None:
           flush=True)
 
 
-def compare_to_baseline(records: list[dict]) -> None:
+def baseline_of(names) -> str:
+    """The AdamW run the others are measured against: ``adamw_torch`` when it ran, else the one AdamW
+    variant that did (``adamw_torch_lora`` in a LoRA comparison); ``adamw_torch`` when there is none."""
+    names = set(names)
+    variants = sorted(n for n in names if n.startswith(BASELINE + "_"))
+    return BASELINE if BASELINE in names or len(variants) != 1 else variants[0]
+
+
+def compare_to_baseline(records: list[dict], baseline: str = BASELINE) -> None:
     """Each run against the baseline's run of the same seed: whether it saw the same batches, and its
     ratios (only where that seed has one baseline run: a search may run the baseline at several lrs)."""
     bases: dict[int, list[dict]] = {}
     for r in records:
-        if r["optimizer"] == BASELINE and stats.ok(r):
+        if r["optimizer"] == baseline and stats.ok(r):
             bases.setdefault(r["seed"], []).append(r)
     for r in records:
         seed_bases = bases.get(r["seed"])
@@ -97,7 +105,6 @@ def compare_to_baseline(records: list[dict]) -> None:
 def run_comparison(experiment: Experiment, start: Setup, module: str, extra_meta: dict | None = None) -> list[dict]:
     """Run the plan, one child per run, then write table.md, results.json, loss.png (and quality.png)."""
     args, runs, budget, env, out_dir = start.args, start.runs, start.budget, start.env, start.out_dir
-    lr_search = bool(args.lr_grid)
     runs_dir = out_dir / "runs"  # git-ignored: Trainer output folders, logs, the partial results
     meta = {
         "benchmark": experiment.title, "name": experiment.name, "kind": kind(args), "quick": args.quick,
@@ -117,11 +124,23 @@ def run_comparison(experiment: Experiment, start: Setup, module: str, extra_meta
             complete(record, budget, experiment)
         records.append(record)
         report.write_json(runs_dir / "results.partial.json", {**meta, "runs": records})
-    compare_to_baseline(records)
-    summaries = stats.summarize(records, BASELINE, experiment.metric)
-    heading = f"## {experiment.title}{' (quick)' if args.quick else ''}{' lr search' if lr_search else ''}"
-    seeds = ", ".join(map(str, args.seeds))
-    lines = [heading, "", f"{budget.max_steps} steps per run; seeds {seeds}; `{meta['invocation']}`", ""]
+    write_results(experiment, meta, records, out_dir)
+    (runs_dir / "results.partial.json").unlink(missing_ok=True)
+    return records
+
+
+def write_results(experiment: Experiment, meta: dict, records: list[dict], out_dir: Path) -> None:
+    """table.md, results.json, loss.png (and quality.png) from the finished runs (``meta`` and the
+    ``runs`` of a saved results.json render the same report again)."""
+    lr_search, quick, eval_every = meta["kind"] == "lr_search", meta["quick"], meta["eval_every"]
+    baseline = meta["baseline"] = baseline_of(r["optimizer"] for r in records)
+    compare_to_baseline(records, baseline)
+    summaries = stats.summarize(records, baseline, experiment.metric)
+    heading = f"## {experiment.title}{' (quick)' if quick else ''}{' lr search' if lr_search else ''}"
+    seeds = ", ".join(map(str, meta["seeds"]))
+    lines = [heading, "", f"{meta['budget']['max_steps']} steps per run; seeds {seeds}; `{meta['invocation']}`", ""]
+    if baseline != BASELINE:
+        lines += [f"Baseline: `{baseline}` (ratios and Δ are to it).", ""]
     extra = {}
     if lr_search:
         best = stats.best_lr(summaries, experiment.metric)
@@ -129,19 +148,17 @@ def run_comparison(experiment: Experiment, start: Setup, module: str, extra_meta
         extra["best_lr"] = best
     else:
         lines += [report.comparison_table(summaries, experiment.metric)]
-    if args.eval_every:
-        ttq = stats.time_to_quality(records, experiment.metric, BASELINE)
-        lines += ["", "### Time to quality", "", report.time_to_quality_table(ttq, experiment.metric, args.eval_every)]
+    if eval_every:
+        ttq = stats.time_to_quality(records, experiment.metric, baseline)
+        lines += ["", "### Time to quality", "", report.time_to_quality_table(ttq, experiment.metric, eval_every)]
         extra["time_to_quality"] = ttq
     lines += ["", "### Runs", "", report.runs_table(records, experiment.metric), ""]
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(stats.group_key(r), []).append(r)
-    suffix = " (quick)" if args.quick else ""
+    suffix = " (quick)" if quick else ""
     report.plot_losses(groups, out_dir / "loss.png", f"{experiment.title}: training loss{suffix}")
-    if args.eval_every:
+    if eval_every:
         report.plot_quality(groups, lambda r: stats.quality_curve(r, experiment.metric), experiment.metric,
                             out_dir / "quality.png", f"{experiment.title}: dev {experiment.metric.label}{suffix}")
     report.write_report(out_dir, "\n".join(lines), {**meta, "summary": summaries, **extra, "runs": records})
-    (runs_dir / "results.partial.json").unlink(missing_ok=True)
-    return records

@@ -86,3 +86,13 @@ def test_an_infinite_perplexity_keeps_the_summary_alive():
     ms = stats.mean_sd([20.0, math.inf])
     assert (ms.mean, ms.sd, ms.n) == (math.inf, None, 2)
     assert stats.beyond_noise(ms, stats.mean_sd([20.0, 21.0])) is None
+
+
+def test_the_baseline_is_adamw_or_the_one_adamw_variant_that_ran():
+    from benchmarks.comparison import baseline_of
+
+    assert baseline_of(["adamw_torch", "adahessian_h1", "adamw_torch_lora"]) == "adamw_torch"
+    assert baseline_of(["adamw_torch_lora", "adahessian_h1_f6_fd_lora"]) == "adamw_torch_lora"
+    # no AdamW, or two variants and no plain AdamW: nothing is chosen for the reader
+    assert baseline_of(["adahessian_h1"]) == "adamw_torch"
+    assert baseline_of(["adamw_torch_lora", "adamw_torch_other"]) == "adamw_torch"
