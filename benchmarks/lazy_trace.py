@@ -8,7 +8,7 @@ A plain loop (this package's ``AdaHessian`` standalone: ``backward(create_graph=
 ``double_backward_ready`` on the optimizer's Hessian steps), the pretrained MiniLM with a
 fresh 2-label head, batch 16 padded to 64 tokens, lr 0.03 with a linear schedule and 15
 warm-up steps, no weight decay and no clipping; every setting sees the same batches (a
-permutation of the training set drawn from ``--seed``) and the same head initialisation.
+``torch.randperm`` of the training set drawn from ``--seed``) and the same head initialisation.
 
 Per step it records the loss and the update measured in learning rates, max |Δθ|/lr over
 all coordinates and the tensor holding it: AdaHessian's m̂/((√v̂)^k + eps) is unbounded, so
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -165,8 +164,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = require_data(args.data_dir, "sst2")
     train = read_jsonl(folder / "train.jsonl")
-    random.Random(args.seed).shuffle(train)
-    train = train[:args.steps * BATCH]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.steps * BATCH]
+    train = [train[i] for i in order.tolist()]
     dev = read_jsonl(folder / "validation.jsonl", args.max_eval_samples)
     out = output_dir(args, "sst2", "lazy_trace")
 
