@@ -13,8 +13,11 @@ warm-up steps, no weight decay and no clipping; every setting sees the same batc
 Per step it records the loss and the update measured in learning rates, max |Δθ|/lr over
 all coordinates and the tensor holding it: AdaHessian's m̂/((√v̂)^k + eps) is unbounded, so
 a stale or single-probe v̂ shows up here as a coordinate moving by tens of lr in one step.
-The summary gives, per setting, the largest |Δθ|/lr in steps 2–10, 11–50 and 51 to the end
-and the dev accuracy on ``--max_eval_samples`` sentences.
+It also counts the coordinates that moved by more than 1 and 10 lr: Adam's |m̂/√v̂| is
+about 1 at most, so these are the coordinates whose denominator is short of their gradient.
+The summary gives, per setting, the largest |Δθ|/lr in steps 2–10, 11–50 and 51 to the end,
+how many coordinate steps exceeded 10 lr there, the mean loss of the last 10 steps and the dev
+accuracy on ``--max_eval_samples`` sentences.
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ MODULE = "benchmarks.lazy_trace"
 BATCH = 16
 DEFAULT_SETTINGS = ("h1=hessian_interval=1;h10=hessian_interval=10;"
                     "h10_w15=hessian_interval=10,hessian_warmup=15;"
+                    "h10_w15_sg=hessian_interval=10,hessian_warmup=15,stale_guard=true;"
+                    "h10_w15_tw=hessian_interval=10,hessian_warmup=15,time_weighted=true;"
                     "h10_w15_clip1=hessian_interval=10,hessian_warmup=15,update_clip=1.0")
 WINDOWS = ((2, 10), (11, 50), (51, None))
+THRESHOLDS = (1, 10)
 
 
 def parse_settings(text: str) -> dict[str, dict]:
@@ -108,16 +114,24 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         schedule.step()
-        moves = [((p.detach() - b).abs().max().item(), n) for (n, p), b in zip(named, before)]
+        moves, over = [], {t: 0 for t in THRESHOLDS}
+        for (n, p), b in zip(named, before):
+            delta = (p.detach() - b).abs_()
+            moves.append((delta.max().item(), n))
+            for t in THRESHOLDS:
+                over[t] += int((delta > t * lr).sum()) if lr > 0 else 0
         del before
         largest, tensor = max(moves)
         steps.append({"step": step + 1, "hessian": hessian, "lr": lr, "loss": loss.item(),
                       # the first step's lr is 0 under warm-up: nothing moves, nothing to measure
-                      "max_update_over_lr": largest / lr if lr > 0 else None, "tensor": tensor})
+                      "max_update_over_lr": largest / lr if lr > 0 else None, "tensor": tensor,
+                      # how many coordinates moved by more than t learning rates (Adam's |m̂/√v̂| is ~1 at most)
+                      **{f"coords_over_{t}_lr": over[t] for t in THRESHOLDS}})
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             ratio = steps[-1]["max_update_over_lr"]
             print(f"  step {step + 1:4d} {'H' if hessian else '.'} loss {loss.item():.3f} "
-                  f"largest step/lr {fmt(ratio, '.2f')} ({tensor})", flush=True)
+                  f"largest step/lr {fmt(ratio, '.2f')} ({tensor}); coordinates over "
+                  + ", ".join(f"{t} lr: {over[t]}" for t in THRESHOLDS), flush=True)
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -136,6 +150,12 @@ def window_max(steps: list[dict], first: int, last: int | None) -> tuple[float |
         return None, "–"
     top = max(inside, key=lambda s: s["max_update_over_lr"])
     return top["max_update_over_lr"], f"{top['tensor']} (step {top['step']})"
+
+
+def coords_over(steps: list[dict], first: int, last: int | None, threshold: int = THRESHOLDS[-1]) -> int:
+    """How many (coordinate, step) pairs in the window moved by more than ``threshold`` learning rates."""
+    return sum(s[f"coords_over_{threshold}_lr"] for s in steps
+               if first <= s["step"] and (last is None or s["step"] <= last))
 
 
 def main() -> None:
@@ -178,12 +198,14 @@ def main() -> None:
         row = [name, ", ".join(f"{k}={v}" for k, v in r["kwargs"].items()), fmt(r["dev_accuracy"], ".4f")]
         for first, last in WINDOWS:
             ratio, where = window_max(r["steps"], first, last)
-            row += [fmt(ratio, ".2f"), where]
-        rows.append(row)
+            row += [fmt(ratio, ".2f"), where, str(coords_over(r["steps"], first, last))]
+        tail = [s["loss"] for s in r["steps"][-10:]]
+        rows.append(row + [fmt(sum(tail) / len(tail), ".3f")])
     headers = ["setting", "AdaHessian arguments", "dev accuracy"]
     for first, last in WINDOWS:
         span = f"steps {first}–{last or 'end'}"
-        headers += [f"largest step / lr, {span}", "where"]
+        headers += [f"largest step / lr, {span}", "where", f"coordinate steps over {THRESHOLDS[-1]} lr, {span}"]
+    headers.append("mean loss, last 10 steps")
     text = (f"## Lazy Hessians on fine-tuning: MiniLM on SST-2, plain loop\n\n{args.steps} steps, batch {BATCH}, "
             f"length {MAX_LENGTH}, lr {args.lr}, linear schedule with {args.warmup} warm-up steps, no weight decay, "
             f"no clipping, seed {args.seed}; dev accuracy on {len(dev)} sentences\n\n"

@@ -100,6 +100,12 @@ class AdaHessian(Optimizer):
             drive steps the fresh one would not; inert when every step has a Hessian.
         update_clip: bound each coordinate's m̂/denominator to [−c, c] (as Sophia does), so a
             step moves no coordinate by more than lr·c; None: unbounded (the paper's).
+        time_weighted: weight each estimate in v by the steps it stands for (1 in the warm-up,
+            ``hessian_interval`` after): the estimate enters v as if repeated on each of those
+            steps (decay β2^w, weight 1 − β2^w, bias correction 1 − β2^(Σw)), so v̂ averages
+            over steps as interval 1 does, not over estimates, and the warm-up's estimates,
+            taken while the head was random, do not outweigh the later ones.  The paper's rule
+            wherever every step has an estimate.
         n_samples: Rademacher probes per Hessian estimate.
         block_size: average |D| over contiguous blocks of this size along the last
             dimension of tensors with two or more dims (32 in the transformer recipe).
@@ -127,6 +133,7 @@ class AdaHessian(Optimizer):
         hessian_warmup: int = 0,
         stale_guard: bool = False,
         update_clip: float | None = None,
+        time_weighted: bool = False,
         n_samples: int = 1,
         block_size: int = 1,
         average_conv_kernel: bool = True,
@@ -151,6 +158,7 @@ class AdaHessian(Optimizer):
         self.hessian_warmup = hessian_warmup
         self.stale_guard = stale_guard
         self.update_clip = update_clip
+        self.time_weighted = bool(time_weighted)
         self.n_samples = n_samples
         self.hessian_estimator = hessian_estimator
         self.fd_scheme = fd_scheme
@@ -189,8 +197,17 @@ class AdaHessian(Optimizer):
     # ------------------------------------------------------------------ Hessian input
     def is_hessian_step(self) -> bool:
         """Whether the next ``step()`` updates the Hessian moving average."""
-        step = self.stats.step
+        return self._is_hessian_index(self.stats.step)
+
+    def _is_hessian_index(self, step: int) -> bool:
         return step < self.hessian_warmup or (step - self.hessian_warmup) % self.hessian_interval == 0
+
+    def _steps_covered(self) -> int:
+        """The steps an estimate made now stands for: from this step to the next Hessian step."""
+        n = 1
+        while not self._is_hessian_index(self.stats.step + n):
+            n += 1
+        return n
 
     def needs_catch_up(self) -> bool:
         """Whether a parameter with a gradient now has never had a curvature estimate.
@@ -296,17 +313,18 @@ class AdaHessian(Optimizer):
             return loss
         observed = self._observed_or_skip(estimate, diags, values[1 if grads else 0:1 + 2 * len(diags)])
         grad_norms = dict(zip(grads, values[1 + 2 * len(diags):])) if self.stale_guard else {}
+        v_weight = self._steps_covered() if self.time_weighted and observed else 1
         self.stats.step += 1
 
         for group in self.param_groups:
-            lists = self._init_group(group, observed, grad_norms)
+            lists = self._init_group(group, observed, grad_norms, v_weight)
             if not lists[0]:
                 continue
             beta1, beta2 = group["betas"]
             adahessian(
                 *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
-                update_clip=self.update_clip, foreach=group["foreach"],
+                update_clip=self.update_clip, v_weight=v_weight, foreach=group["foreach"],
             )
         return loss
 
@@ -352,8 +370,12 @@ class AdaHessian(Optimizer):
                 observed[p] = (d, rows)
         return observed
 
-    def _init_group(self, group: dict, observed: dict, grad_norms: dict) -> tuple[list, ...]:
-        """The group's lists for the functional core, making state on a parameter's first step."""
+    def _init_group(self, group: dict, observed: dict, grad_norms: dict, v_weight: int = 1) -> tuple[list, ...]:
+        """The group's lists for the functional core, making state on a parameter's first step.
+
+        ``hessian_steps`` is the exponent of v's bias correction: the count of estimates, or
+        under ``time_weighted`` the steps they stand for (``hessian_weight``); rows count alike.
+        """
         params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales = ([] for _ in range(10))
         beta1 = group["betas"][0]
         for p in group["params"]:
@@ -370,11 +392,14 @@ class AdaHessian(Optimizer):
             if d is not None:
                 if rows is not None and "row_hessian_steps" not in state:
                     # The first step that saw only some rows: from now on each row counts its own.
-                    state["row_hessian_steps"] = torch.full_like(rows, float(state["hessian_step"]),
-                                                                 dtype=torch.float32)
+                    state["row_hessian_steps"] = torch.full_like(
+                        rows, float(state.get("hessian_weight", state["hessian_step"])), dtype=torch.float32)
                 state["hessian_step"] += 1
+                if self.time_weighted:
+                    state["hessian_weight"] = state.get("hessian_weight", state["hessian_step"] - 1) + v_weight
                 if "row_hessian_steps" in state:
-                    state["row_hessian_steps"].add_(1.0 if rows is None else rows.to(torch.float32))
+                    state["row_hessian_steps"].add_(float(v_weight) if rows is None
+                                                    else rows.to(torch.float32) * v_weight)
             scales.append(self._stale_scale(state, grad_norms[p.grad], d is not None, beta1, group["hessian_power"])
                           if p.grad in grad_norms else 1.0)
             params.append(p)
@@ -385,7 +410,8 @@ class AdaHessian(Optimizer):
             rows_seen.append(rows)
             row_steps.append(state.get("row_hessian_steps"))
             steps.append(state["step"])
-            hsteps.append(state["hessian_step"])
+            hsteps.append(state.get("hessian_weight", state["hessian_step"]) if self.time_weighted
+                          else state["hessian_step"])
         return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales
 
     @staticmethod
@@ -490,6 +516,7 @@ def adahessian(
     weight_decay: float,
     hessian_power: float,
     update_clip: float | None = None,
+    v_weight: int = 1,
     foreach: bool | None = None,
 ) -> None:
     """One AdaHessian update of ``params`` in place; moments are fp32.
@@ -502,6 +529,8 @@ def adahessian(
     parameter whose v has never been updated only accumulates momentum: with
     v = 0 its step would be m/eps.  ``denominator_scales[i]`` multiplies parameter i's
     (√v̂)^k (the stale guard; 1 by default); ``update_clip`` bounds m̂/denominator.
+    ``v_weight`` w: the steps this step's estimates stand for; v decays by β2^w and takes
+    1 − β2^w of D² (``time_weighted``; 1 is the paper's EMA).
     """
     if foreach is None:
         foreach = _default_foreach(params)
@@ -510,7 +539,7 @@ def adahessian(
     fn = _multi_tensor_adahessian if foreach else _single_tensor_adahessian
     fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_hessian_steps, steps,
        hessian_steps, denominator_scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-       hessian_power=hessian_power, update_clip=update_clip)
+       hessian_power=hessian_power, update_clip=update_clip, beta2_now=beta2 if v_weight == 1 else beta2**v_weight)
 
 
 def _power_plus_eps_(v_hat: torch.Tensor, hessian_power: float, eps: float, scale: float = 1.0) -> torch.Tensor:
@@ -531,6 +560,7 @@ def _row_view(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta2: float) -> None:
+    """v ← β2·v + (1 − β2)·D², on the observed rows only (``beta2`` here: this step's decay, β2^w)."""
     if rows is None:
         v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
     else:
@@ -564,12 +594,13 @@ def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2:
 
 
 def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, scales, *,
-                              lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip):
+                              lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, beta2_now=None):
+    beta2_now = beta2 if beta2_now is None else beta2_now
     for p, g, m, v, d, rows, counts, t, s, scale in zip(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps,
                                                         steps, hsteps, scales):
         m.lerp_(g.to(m.dtype), 1 - beta1)
         if d is not None:
-            _update_v_(v, d, rows, beta2)
+            _update_v_(v, d, rows, beta2_now)
         if s == 0:
             continue
         p32 = p if p.dtype == _state_dtype(p) else p.float()
@@ -586,7 +617,8 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, ro
 
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, scales, *,
-                             lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip):
+                             lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, beta2_now=None):
+    beta2_now = beta2 if beta2_now is None else beta2_now
     # Tensors whose rows were seen unevenly (embeddings under partial coverage) are few:
     # they take the for-loop; the rest go through the foreach kernels.
     uneven = [i for i in range(len(params)) if rows_seen[i] is not None or row_steps[i] is not None]
@@ -595,7 +627,7 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
         _single_tensor_adahessian(*(pick(xs) for xs in (params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps,
                                                         steps, hsteps, scales)),
                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                  hessian_power=hessian_power, update_clip=update_clip)
+                                  hessian_power=hessian_power, update_clip=update_clip, beta2_now=beta2_now)
         even = [i for i in range(len(params)) if i not in set(uneven)]
         params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales = (
             [xs[i] for i in even] for xs in (params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales))
@@ -607,8 +639,8 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
     if with_d:
         vs = [exp_hs[i] for i in with_d]
         dd = [ds[i] for i in with_d]
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, dd, dd, value=1 - beta2)
+        torch._foreach_mul_(vs, beta2_now)
+        torch._foreach_addcmul_(vs, dd, dd, value=1 - beta2_now)
     live = [i for i, s in enumerate(hsteps) if s > 0]
     if not live:
         return

@@ -180,12 +180,12 @@ def test_optim_args_default_to_the_recipe(make_args, make_bert, make_dataset):
 def test_command_line_optim_args_reach_the_optimizer(tmp_path, make_bert, make_dataset):
     args = parse(AdaHessianTrainingArguments, base_argv(tmp_path) + [
         "--optim", "adahessian", "--learning_rate", "0.15", "--weight_decay", "0.1",
-        "--optim_args", "hessian_interval=5,block_size=32,n_samples=3",
+        "--optim_args", "hessian_interval=5,block_size=32,n_samples=3,time_weighted=true",
     ])
     trainer = AdaHessianTrainer(model=make_bert(), args=args, train_dataset=make_dataset(16))
     trainer.create_optimizer()
     optimizer = trainer.adahessian
-    assert (optimizer.hessian_interval, optimizer.n_samples) == (5, 3)
+    assert (optimizer.hessian_interval, optimizer.n_samples, optimizer.time_weighted) == (5, 3, True)
     assert {g["block_size"] for g in optimizer.param_groups} == {32}
     assert {g["lr"] for g in optimizer.param_groups} == {0.15}
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.1]

@@ -4,14 +4,14 @@ import argparse
 
 import pytest
 
-from benchmarks.lazy_trace import DEFAULT_SETTINGS, parse_settings, window_max
+from benchmarks.lazy_trace import DEFAULT_SETTINGS, coords_over, parse_settings, window_max
 
 
 def test_settings_parse_into_adahessian_keyword_arguments():
     settings = parse_settings("h10=hessian_interval=10,update_clip=1.0,fd_scheme=central;h1=hessian_interval=1")
     assert settings == {"h10": {"hessian_interval": 10, "update_clip": 1.0, "fd_scheme": "central"},
                         "h1": {"hessian_interval": 1}}
-    assert list(parse_settings(DEFAULT_SETTINGS)) == ["h1", "h10", "h10_w15", "h10_w15_clip1"]
+    assert list(parse_settings(DEFAULT_SETTINGS)) == ["h1", "h10", "h10_w15", "h10_w15_sg", "h10_w15_tw", "h10_w15_clip1"]
 
 
 @pytest.mark.parametrize("text", ["", "h10", "h10=hessian_interval"])
@@ -28,3 +28,11 @@ def test_window_max_takes_the_largest_step_inside_the_window_and_skips_unmeasure
     assert window_max(steps, 2, 10) == (7.0, "c (step 10)")
     assert window_max(steps, 11, None) == (50.0, "d (step 11)")
     assert window_max(steps, 12, None) == (None, "–")
+
+
+def test_coordinates_over_the_threshold_are_summed_over_the_window_only():
+    steps = [{"step": 1, "coords_over_10_lr": 100}, {"step": 2, "coords_over_10_lr": 3},
+             {"step": 10, "coords_over_10_lr": 4}, {"step": 11, "coords_over_10_lr": 5}]
+    assert coords_over(steps, 2, 10) == 7
+    assert coords_over(steps, 11, None) == 5
+    assert coords_over(steps, 12, None) == 0

@@ -761,6 +761,24 @@ def test_rows_the_estimate_did_not_observe_keep_their_v_and_their_own_bias_corre
     assert opt.state[model.emb]["hessian_step"] == 2
 
 
+def test_time_weighted_rows_count_the_steps_their_estimates_stand_for():
+    """Interval 2, warm-up 1 (Hessian steps 1, 2, 4): step 1 sees rows 0 and 1 (weight 1), step 2 rows 1
+    and 2 (weight 2, until step 4), step 4 row 0 (weight 2). Each row's bias correction counts the
+    steps its estimates stand for, and a row's v moves only where it was observed."""
+    model = _Bag()
+    opt = AdaHessian(model.parameters(), lr=0.01, betas=(0.9, 0.9), hessian_interval=2, hessian_warmup=1,
+                     time_weighted=True, seed=0)
+    _bag_step(model, opt, [0, 1])
+    _bag_step(model, opt, [1, 2])
+    v2 = opt.state[model.emb]["exp_hessian_diag_sq"].clone()
+    _bag_step(model, opt, [1, 2])  # lazy
+    _bag_step(model, opt, [0])
+    state = opt.state[model.emb]
+    assert state["row_hessian_steps"].tolist() == [3, 3, 2, 0, 0, 0]
+    assert state["hessian_step"] == 3 and state["hessian_weight"] == 5
+    assert torch.equal(state["exp_hessian_diag_sq"][1:], v2[1:])
+
+
 def test_a_row_never_observed_is_divided_by_the_mean_curvature_of_the_rows_seen_not_by_eps():
     """With hessian_interval=2, token 3 first appears on a lazy step: the paper's rule would step it by
     lr·m̂/eps (300x the gradient at lr 0.03); it takes lr·m̂/(√mean v̂ + eps) with the mean over the rows
@@ -840,6 +858,53 @@ def test_hessian_warmup_estimates_every_step_first_then_every_interval():
         opt.step()
     # Steps 1, 2, 3 (warm-up), then 4, 8, 12.
     assert [i + 1 for i, h in enumerate(schedule) if h] == [1, 2, 3, 4, 8, 12]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_time_weighting_is_the_papers_rule_where_every_step_has_an_estimate(foreach):
+    """Interval 1 (or a warm-up covering the run): every estimate stands for one step, β2^1 is β2."""
+    runs = []
+    for extra in ({}, {"time_weighted": True}, {"time_weighted": True, "hessian_interval": 4, "hessian_warmup": 5}):
+        model = tiny_mlp(0)
+        _train(model, AdaHessian(model.parameters(), lr=0.05, seed=0, foreach=foreach, **extra), 5)
+        runs.append(clone_params(model))
+    assert_all_equal(runs[1], runs[0], "parameter")
+    assert_all_equal(runs[2], runs[0], "parameter")
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_time_weighted_estimate_counts_as_every_step_it_stands_for(foreach):
+    """f_t(p) = ½ Σ a_t p², whose |z ⊙ Hz| is a_t exactly, with a_t changing only on the lazy run's
+    Hessian steps (warm-up 2, then every 3: steps 1, 2, 3, 6, 9). Interval 1 adds a_t to v on each step
+    it holds; the time-weighted lazy run adds it once with the weight of all of them, so its v̂, held
+    until the next estimate, is interval 1's v̂ at the last step that a_t holds. The plain lazy EMA
+    (one estimate, one weight) is not: it over-weights the warm-up's small curvature."""
+    curvatures = {0: [4.0, 0.5], 1: [8.0, 1.0], 2: [16.0, 2.0], 5: [64.0, 4.0], 8: [256.0, 8.0]}
+    beta2 = 0.9
+    v_hats = {}
+    for name, extra in {"every step": {}, "time-weighted": {"time_weighted": True, "hessian_interval": 3,
+                                                              "hessian_warmup": 2},
+                        "plain lazy": {"hessian_interval": 3, "hessian_warmup": 2}}.items():
+        p = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+        opt = AdaHessian([p], lr=0.01, betas=(0.9, beta2), seed=0, foreach=foreach, **extra)
+        v_hats[name] = []
+        for step in range(11):
+            if step in curvatures:
+                a = torch.tensor(curvatures[step], dtype=torch.float64)
+            opt.zero_grad()
+            _backward_for(opt, (0.5 * a * p * p).sum())
+            opt.step()
+            state = opt.state[p]
+            exponent = state.get("hessian_weight", state["hessian_step"])
+            v_hats[name].append(state["exp_hessian_diag_sq"] / (1 - beta2**exponent))
+    # The lazy run's v̂ after Hessian step j (0-based: 0, 1, 2, 5, 8) and until the next one.
+    last_step_held = {0: 0, 1: 1, 2: 4, 5: 7, 8: 10}
+    for j, last in last_step_held.items():
+        for held in range(j, last + 1):
+            torch.testing.assert_close(v_hats["time-weighted"][held], v_hats["every step"][last],
+                                       rtol=1e-12, atol=0)
+    # The plain EMA gives each estimate one step's weight: from step 6 on its v̂ is not interval 1's.
+    assert not torch.allclose(v_hats["plain lazy"][7], v_hats["every step"][7], rtol=1e-3)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
