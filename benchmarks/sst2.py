@@ -44,7 +44,7 @@ OPTIMIZERS = specs.registry(
     # Hz by finite differences of two ordinary gradients (no double backward); lr not searched yet.
     specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_estimator="finite_difference",
                      note="lr not searched: adahessian_h1's"),
-    # The Hessian on one row of the 16 every step: exact, and by central differences (2/16 of a
+    # The Hessian on one row of the 16 every step: exact, and by forward differences (1/16 of a
     # pass more than a plain step), fresh curvature for a few percent of a step.
     specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_batch_fraction=0.0625, note="lr not searched: adahessian_h1's"),
     specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_batch_fraction=0.0625, hessian_estimator="finite_difference",
@@ -53,6 +53,7 @@ OPTIMIZERS = specs.registry(
     specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_chunks=4, note="adahessian_h1's estimate, in chunks"),
     # The lazy levers at the fine-tuning recipe's lr (measured in BENCHMARKS.md, "Lazy Hessians").
     specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, note="the recipe's lr"),
+    specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, time_weighted=True, note="the recipe's lr"),
     # LoRA (r 8 on query and value, the head trained in full): the time and memory of a Hessian through a
     # frozen base. Adapters take larger steps than full fine-tuning; AdamW's 1e-3 is the usual LoRA value.
     specs.lora(specs.adamw(1e-4, ()), 1e-3, (3e-4, 1e-3, 3e-3), note="lr not searched: the usual LoRA value"),
