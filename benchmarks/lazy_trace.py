@@ -5,7 +5,8 @@
     python -m benchmarks.lazy_trace --quick               # a few steps, two settings (CI)
 
 A plain loop (this package's ``AdaHessian`` standalone: ``backward(create_graph=True)`` under
-``double_backward_ready`` on the optimizer's Hessian steps), the pretrained MiniLM with a
+``double_backward_ready`` on the optimizer's Hessian steps, or ``opt.step(closure)`` with
+``hessian_estimator=finite_difference``), the pretrained MiniLM with a
 fresh 2-label head, batch 16 padded to 64 tokens, lr 0.03 with a linear schedule and 15
 warm-up steps, no weight decay and no clipping; every setting sees the same batches (a
 ``torch.randperm`` of the training set drawn from ``--seed``) and the same head initialisation.
@@ -103,15 +104,24 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
         batch = encode(tokenizer, train[step * BATCH:(step + 1) * BATCH])
         before = [p.detach().clone() for _, p in named]
         hessian = opt.is_hessian_step()
-        if hessian:
-            with double_backward_ready(model):
-                loss = model(**batch).loss
-            loss.backward(create_graph=True)
-        else:
-            loss = model(**batch).loss
-            loss.backward()
         lr = opt.param_groups[0]["lr"]
-        opt.step()
+        if hessian and opt.hessian_estimator == "finite_difference":
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                closure_loss = model(**batch).loss
+                closure_loss.backward()
+                return closure_loss
+
+            loss = opt.step(closure)
+        else:
+            if hessian:
+                with double_backward_ready(model):
+                    loss = model(**batch).loss
+                loss.backward(create_graph=True)
+            else:
+                loss = model(**batch).loss
+                loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
         schedule.step()
         moves, over = [], {t: 0 for t in THRESHOLDS}
