@@ -53,7 +53,13 @@ OPTIMIZERS = specs.registry(
     specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_chunks=4, note="adahessian_h1's estimate, in chunks"),
     # The lazy levers at the fine-tuning recipe's lr (measured in BENCHMARKS.md, "Lazy Hessians").
     specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, note="the recipe's lr"),
+    specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, note="the recipe's lr"),
     specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, time_weighted=True, note="the recipe's lr"),
+    # The same on 1/16 of each batch by forward differences: AdamW's memory, a few percent of its time.
+    specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, hessian_batch_fraction=0.0625,
+                     hessian_estimator="finite_difference", note="the recipe's lr"),
+    specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, time_weighted=True, hessian_batch_fraction=0.0625,
+                     hessian_estimator="finite_difference", note="the recipe's lr"),
     # LoRA (r 8 on query and value, the head trained in full): the time and memory of a Hessian through a
     # frozen base. Adapters take larger steps than full fine-tuning; AdamW's 1e-3 is the usual LoRA value.
     specs.lora(specs.adamw(1e-4, ()), 1e-3, (3e-4, 1e-3, 3e-3), note="lr not searched: the usual LoRA value"),
