@@ -317,6 +317,10 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
         adahessian(1, lr, grid, block_size=32, hessian_batch_fraction=0.0625, hessian_estimator="finite_difference",
                    note=followed),
         adahessian(1, lr, grid, block_size=32, hessian_batch_fraction=0.0625, note=followed),
+        # Interval 10 after 15 dense steps, on 1/16 by forward differences: AdamW's memory and about its time.
+        *(adahessian(10, lr, grid, block_size=32, hessian_warmup=15, hessian_batch_fraction=0.0625,
+                     hessian_estimator="finite_difference", note=followed, **lever)
+          for lever in ({"stale_guard": True}, {"time_weighted": True})),
         torch_optimizer_adahessian(lr, grid),
         pytorch_optimizer_adahessian(lr, grid),
         sophiah(1, sophia_lr, sophia_grid),
