@@ -105,6 +105,8 @@ def compare_to_baseline(records: list[dict], baseline: str = BASELINE) -> None:
 def run_comparison(experiment: Experiment, start: Setup, module: str, extra_meta: dict | None = None) -> list[dict]:
     """Run the plan, one child per run, then write table.md, results.json, loss.png (and quality.png)."""
     args, runs, budget, env, out_dir = start.args, start.runs, start.budget, start.env, start.out_dir
+    if args.render:
+        return render_saved(experiment, Path(args.render), module)
     runs_dir = out_dir / "runs"  # git-ignored: Trainer output folders, logs, the partial results
     meta = {
         "benchmark": experiment.title, "name": experiment.name, "kind": kind(args), "quick": args.quick,
@@ -126,6 +128,23 @@ def run_comparison(experiment: Experiment, start: Setup, module: str, extra_meta
         report.write_json(runs_dir / "results.partial.json", {**meta, "runs": records})
     write_results(experiment, meta, records, out_dir)
     (runs_dir / "results.partial.json").unlink(missing_ok=True)
+    return records
+
+
+def render_saved(experiment: Experiment, folder: Path, module: str) -> list[dict]:
+    """The report of a finished comparison again, from ``folder/results.json``, with this checkout's
+    statistics (no run is made); what rendered it is recorded beside the original provenance."""
+    import json
+
+    saved = json.loads((folder / "results.json").read_text())
+    records = saved.pop("runs")
+    budget = Budget(**saved["budget"])
+    for record in records:
+        if stats.ok(record):
+            complete(record, budget, experiment)
+    provenance = report.provenance(1, module)
+    saved["rendered_again"] = {"git": provenance["git"], "invocation": provenance["invocation"]}
+    write_results(experiment, saved, records, folder)
     return records
 
 

@@ -45,6 +45,8 @@ def comparison_parser(module: str, description: str, optimizers: list[str],
     p.add_argument("--max_eval_samples", type=int, help="validation examples (overrides the mode's slice)")
     p.add_argument("--warmup_skip", type=int, help="steps left out of the timing statistics (default: by mode)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds allowed per run (default: %(default)s)")
+    p.add_argument("--render", metavar="FOLDER",
+                   help="make no run: render FOLDER/results.json's report again with this checkout's statistics")
     return p
 
 

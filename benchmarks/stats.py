@@ -19,7 +19,9 @@ def _weighted_median(times: list[float], hessian: list[bool], skip: int, interva
     kept = list(zip(times, hessian))[skip:]
     h_t = [t for t, h in kept if h] or [t for t, h in zip(times, hessian) if h]
     p_t = [t for t, h in kept if not h] or [t for t, h in zip(times, hessian) if not h]
-    frac_h = 0.0 if not interval else 1.0 / interval
+    # The run's own share of Hessian steps: a warm-up of dense Hessian steps (hessian_warmup) and the
+    # catch-up passes are paid like any other, so 1/interval would understate a lazy run's cost.
+    frac_h = sum(map(bool, hessian)) / len(hessian) if interval and hessian else 0.0
     med_h = statistics.median(h_t) if h_t else None
     med_p = statistics.median(p_t) if p_t else None
     if med_h is None or med_p is None:
@@ -33,10 +35,10 @@ def step_time_stats(record: dict, skip: int, interval: int | None) -> dict:
     """Per-step seconds after ``skip`` warm-up steps.
 
     ``seconds_per_step`` is the median of each kind of step (with / without a Hessian),
-    weighted by how often that kind occurs (1/interval with a Hessian): for AdamW and
-    interval 1 it is the plain median; for interval N it is the amortised cost of one
-    Hessian step and N-1 plain ones, without letting one slow outlier (another process on
-    the cores) move it. A kind with no step after the warm-up (quick runs) uses all its
+    weighted by how often that kind occurred in the run (its share of Hessian steps, warm-up
+    included): for AdamW and interval 1 it is the plain median; for interval N it is the
+    amortised cost of the run's Hessian steps and its plain ones, without letting one slow
+    outlier (another process on the cores) move it. A kind with no step after the warm-up (quick runs) uses all its
     steps. ``cpu_seconds_per_step`` is the same statistic of the process's CPU time.
     """
     times, cpu, hessian = record["step_times"], record.get("step_cpu_times") or [], record["hessian"]

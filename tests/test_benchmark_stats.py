@@ -96,3 +96,45 @@ def test_the_baseline_is_adamw_or_the_one_adamw_variant_that_ran():
     # no AdamW, or two variants and no plain AdamW: nothing is chosen for the reader
     assert baseline_of(["adahessian_h1"]) == "adamw_torch"
     assert baseline_of(["adamw_torch_lora", "adamw_torch_other"]) == "adamw_torch"
+
+
+def test_the_amortised_step_counts_the_runs_own_hessian_steps_warm_up_included():
+    """Interval 10 after 5 dense steps, 20 steps: Hessian steps 1-5, 6 and 16 (7 of 20), 3 s each, plain 1 s:
+    the amortised cost is 7/20·3 + 13/20·1, not 1/10·3 + 9/10·1."""
+    hessian = [i < 5 or (i - 5) % 10 == 0 for i in range(20)]
+    record = {"step_times": [3.0 if h else 1.0 for h in hessian], "hessian": hessian}
+    out = stats.step_time_stats(record, skip=2, interval=10)
+    assert out["hessian_fraction"] == 7 / 20
+    assert out["seconds_per_step"] == pytest.approx(7 / 20 * 3 + 13 / 20 * 1)
+    assert stats.step_time_stats({"step_times": [1.0] * 4, "hessian": [False] * 4}, 0, None)["hessian_fraction"] == 0
+
+
+def test_a_saved_comparison_renders_again_with_the_current_statistics(tmp_path, monkeypatch):
+    """``--render FOLDER``: the committed 3-seed lazy comparison (recorded when a lazy run's cost was
+    taken as 1/interval Hessian steps) rendered again: each run's amortised cost now counts its own
+    share of Hessian steps (29 of 150 after a 15-step warm-up), the runs themselves are unchanged."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from benchmarks import comparison, sst2
+    from benchmarks.specs import Experiment
+
+    saved = Path(__file__).resolve().parents[1] / "benchmarks/results/sst2/seeds_lazy/results.json"
+    shutil.copy(saved, tmp_path / "results.json")
+    monkeypatch.setattr(report, "plot_losses", lambda *a, **k: None)
+    monkeypatch.setattr(report, "plot_quality", lambda *a, **k: None)
+    experiment = Experiment(name="sst2", title="MiniLM on SST-2", script="run_glue.py", metric=sst2.METRIC,
+                            budgets=sst2.BUDGETS, script_args=())
+    records = comparison.render_saved(experiment, tmp_path, "benchmarks.sst2")
+    again = json.loads((tmp_path / "results.json").read_text())
+    before = json.loads(saved.read_text())
+    assert [r["name"] for r in again["runs"]] == [r["name"] for r in before["runs"]]
+    assert [r["step_times"] for r in again["runs"]] == [r["step_times"] for r in before["runs"]]
+    lazy = [r for r in records if "_w15" in r["optimizer"]]
+    assert lazy and all(r["step_time"]["hessian_fraction"] == 29 / 150 for r in lazy)
+    for r in lazy:
+        t = r["step_time"]
+        assert t["seconds_per_step"] == pytest.approx(
+            29 / 150 * t["median_hessian_step_s"] + 121 / 150 * t["median_plain_step_s"])
+    assert "rendered_again" in again and "table.md" in {p.name for p in tmp_path.iterdir()}
