@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -134,8 +135,6 @@ def run_comparison(experiment: Experiment, start: Setup, module: str, extra_meta
 def render_saved(experiment: Experiment, folder: Path, module: str) -> list[dict]:
     """The report of a finished comparison again, from ``folder/results.json``, with this checkout's
     statistics (no run is made); what rendered it is recorded beside the original provenance."""
-    import json
-
     saved = json.loads((folder / "results.json").read_text())
     records = saved.pop("runs")
     budget = Budget(**saved["budget"])
