@@ -318,6 +318,7 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
                    note=followed),
         adahessian(1, lr, grid, block_size=32, hessian_batch_fraction=0.0625, note=followed),
         # Interval 10 after 15 dense steps, on 1/16 by forward differences: AdamW's memory and about its time.
+        adahessian(10, lr, grid, block_size=32, hessian_warmup=15, stale_guard=True, note=followed),
         *(adahessian(10, lr, grid, block_size=32, hessian_warmup=15, hessian_batch_fraction=0.0625,
                      hessian_estimator="finite_difference", note=followed, **lever)
           for lever in ({"stale_guard": True}, {"time_weighted": True})),
