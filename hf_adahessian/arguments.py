@@ -242,6 +242,11 @@ class _AdaHessianArgumentsMixin:
         self._check_adahessian()
         return self
 
+    def _fsdp_version_2(self) -> bool:
+        config = self.fsdp_config if isinstance(self.fsdp_config, dict) else {}
+        # transformers' own default (FSDP1 is deprecated there).
+        return int(config.get("version", 2)) == 2
+
     @property
     def adahessian_settings(self) -> AdaHessianSettings:
         """The AdaHessian settings this run uses: ``--optim_args`` over the defaults."""
@@ -253,21 +258,25 @@ class _AdaHessianArgumentsMixin:
         object.__setattr__(self, "_adahessian_settings", settings)
         estimator = settings.optimizer_kwargs["hessian_estimator"]
         exact = estimator == "exact"
-        if self.fsdp:
+        if self.fsdp and exact:
             raise SettingsError(
-                "--optim adahessian does not support --fsdp through the Trainer yet: accelerate applies FSDP "
-                "only on GPU set-ups (on CPU it trains with DDP instead), so this path is untested here. "
-                "Sharded training works with the standalone optimizer: wrap the model with "
-                "torch.distributed.fsdp.fully_shard and call AdaHessian(params, "
-                "hessian_estimator='finite_difference').step(closure) (README, 'Sharded training'); "
-                "or drop --fsdp for plain data parallelism (accelerate launch / torchrun)."
+                "--optim adahessian with --fsdp needs --optim_args hessian_estimator=finite_difference: the exact "
+                "estimator differentiates the backward a second time, and FSDP frees the gathered parameters that "
+                "second backward needs. Finite differences take two ordinary backwards, which FSDP2 shards as "
+                "AdamW's (README, 'Sharded training')."
+            )
+        if self.fsdp and not self._fsdp_version_2():
+            raise SettingsError(
+                "--optim adahessian with --fsdp needs FSDP2 (fsdp_config version 2, transformers' default): FSDP1 "
+                "(version 1, deprecated) hands the optimizer flattened shards, on which block averaging and the "
+                "probes one process would draw do not carry over. Drop \"version\": 1 from --fsdp_config."
             )
         if self.deepspeed:
             raise SettingsError(
                 "--optim adahessian does not support --deepspeed: ZeRO partitions the gradients and the optimizer "
                 "state behind its own engine, which neither estimator's Hessian pass can reach. Drop --deepspeed "
-                "for plain data parallelism (accelerate launch / torchrun), or shard with FSDP2 and the standalone "
-                "optimizer (README, 'Sharded training')."
+                "for plain data parallelism (accelerate launch / torchrun), or shard with --fsdp (FSDP2) and "
+                "--optim_args hessian_estimator=finite_difference (README, 'Sharded training')."
             )
         if self.torch_compile and exact:
             raise SettingsError(

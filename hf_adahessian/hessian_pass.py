@@ -12,6 +12,8 @@ measured is what the trainer runs:
   calls ``.backward()`` on the result the Hessian pass takes over.  Nothing of
   accelerate is patched or re-implemented; :func:`amp_scale` reads its scaler;
 * :func:`perturbed_pass` — the finite-difference estimator's pass at θ ± εz;
+* :func:`fsdp_gradient_sync` / :func:`fsdp_resharded` — what FSDP2 needs of a Hessian step:
+  each micro-batch's gradients reduced into the shards, θ ± εz gathered afresh;
 * :func:`micro_batch` — one micro-batch of a Hessian step through the Trainer's own
   ``training_step``, for each estimator (exact, exact in chunks, exact on a sub-batch,
   finite differences).
@@ -36,6 +38,8 @@ __all__ = [
     "double_backward_ready",
     "double_backward_active",
     "no_sync",
+    "fsdp_gradient_sync",
+    "fsdp_resharded",
     "capture_backward",
     "mark",
     "is_marked",
@@ -63,6 +67,48 @@ def no_sync(model: torch.nn.Module):
     """DDP's ``no_sync`` when ``model`` is DDP-wrapped, else nothing."""
     with model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext():
         yield
+
+
+@contextlib.contextmanager
+def fsdp_gradient_sync(model: torch.nn.Module, restore: bool):
+    """FSDP2's gradient reduction on for the duration, then ``restore`` (what accelerate had set).
+
+    A Hessian micro-batch reads the gradient of each of its backwards (θ ± εz, then θ) from
+    the sharded ``.grad``, which FSDP2 fills only when it reduces: under accelerate's
+    ``no_sync`` it would keep adding them, unsharded, to the step's gradient instead.  So
+    on Hessian steps every micro-batch is reduced (one reduce-scatter more per micro-batch
+    before the last); other steps accumulate without communication as usual.
+    """
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is None:  # not an FSDP2 module
+        yield
+        return
+    setter(True)
+    try:
+        yield
+    finally:
+        setter(restore)
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, "reshard") and hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 module
+            module.reshard()
+
+
+@contextlib.contextmanager
+def fsdp_resharded(model: torch.nn.Module):
+    """FSDP2's gathered parameters dropped on entry and on exit, so that θ ± εz (and θ) are gathered afresh.
+
+    FSDP2 keeps the root's gathered parameters after a forward until a backward reshards
+    them; after a no-grad forward (an evaluation, the loss-normalisation check) the next
+    forward would compute with those, not with the perturbed shards.
+    """
+    _reshard(model)
+    try:
+        yield
+    finally:
+        _reshard(model)
 
 
 _DOUBLE_BACKWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("_DOUBLE_BACKWARD", default=False)
@@ -246,7 +292,7 @@ def perturbed_pass(model: torch.nn.Module, estimate: HessianEstimate, eps: float
     the backward of a marked loss (the Trainer's own step, or ``mark(loss).backward()``)
     folds ±z ⊙ g(θ ± εz) into the estimate, at ``accelerator``'s loss scale.
     """
-    with torch.random.fork_rng(devices=rng_devices(estimate.params)), no_sync(model), \
+    with torch.random.fork_rng(devices=rng_devices(estimate.params)), no_sync(model), fsdp_resharded(model), \
             perturbed(estimate, sign * eps), capture_backward(_fd_sink(estimate, accelerator, eps, scheme, sign)):
         yield
 

@@ -44,6 +44,8 @@ from .validation import HyperparameterError, check_group_hyperparameters, check_
 __all__ = ["AdaHessian", "HessianStats", "adahessian"]
 
 _STATE_KEYS = ("exp_avg", "exp_hessian_diag_sq")
+# State a parameter has only under some settings (stale_guard, time_weighted).
+_OPTIONAL_SCALARS = ("grad_norm_avg", "grad_norm_at_estimate", "hessian_weight")
 
 NO_GRAPH_MESSAGE = (
     "AdaHessian needs a Hessian-vector product on this step (hessian_interval={interval}, "
@@ -251,6 +253,13 @@ class AdaHessian(Optimizer):
         super().zero_grad(set_to_none)
         self._estimate = None
 
+    def _initialising_state(self) -> bool:
+        """A step at lr 0 on zero gradients into an empty state: torch.distributed.checkpoint making the
+        state it is about to load into (``_init_optim_state``, FSDP2's resume).  It needs no curvature,
+        and the load that follows overwrites all it makes."""
+        return (not self.state and all(float(g["lr"]) == 0.0 for g in self.param_groups)
+                and all(p.grad is None or not bool(p.grad.any()) for p in self.trainable_params()))
+
     def _estimate_from_grad_graph(self) -> HessianEstimate:
         params = self.trainable_params()
         grads = [p.grad for p in params]
@@ -279,6 +288,8 @@ class AdaHessian(Optimizer):
                     estimate, self._estimate = self._estimate, None
         if not hessian_step and not (estimate is not None and estimate.catch_up):
             estimate = None
+        elif estimate is None and self._initialising_state():
+            pass
         elif estimate is None:
             estimate = self._estimate_from_grad_graph()
         else:
@@ -441,12 +452,32 @@ class AdaHessian(Optimizer):
             "hessian_scale": self.hessian_scale,
             "finite_scaled_estimates": self._finite_scaled_estimates,
         }
+        # torch.distributed.checkpoint (FSDP2's checkpoints, through accelerate) keeps only "state" and
+        # "param_groups": the same record rides in the first group too, where it survives.
+        if sd["param_groups"]:
+            sd["param_groups"][0] = {**sd["param_groups"][0], "adahessian": sd["adahessian"]}
+        # It also loads only the keys that the state it loads into already has (made by a step at
+        # lr 0, see _initialising_state), so every parameter's entry carries every key: the ones a
+        # tensor lacks are written as absent (rows counted -1, NaN) and dropped again on load.
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, entry in sd["state"].items():
+            full = dict(entry)
+            if "row_hessian_steps" not in full:
+                full["row_hessian_steps"] = _absent_rows(params[idx])
+            for key in _OPTIONAL_SCALARS:
+                full.setdefault(key, math.nan)
+            sd["state"][idx] = full
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop("adahessian", None)
-        saved_state = state_dict["state"]
+        groups = state_dict.get("param_groups") or [{}]
+        top = state_dict.pop("adahessian", None)
+        # The group's copy first: what torch.distributed.checkpoint hands over is rebuilt from the
+        # state dict of the optimizer it loads into, with the saved values put into its groups.
+        extra = groups[0].get("adahessian", top)
+        saved_state = {idx: _present(entry) for idx, entry in state_dict["state"].items()}
+        state_dict["state"] = saved_state
         if extra is None and any("exp_avg_sq" in s for s in saved_state.values()):
             raise ValueError(
                 "AdaHessian cannot resume this optimizer state: it was saved by an Adam-type optimizer "
@@ -456,6 +487,8 @@ class AdaHessian(Optimizer):
             )
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.pop("adahessian", None)
         # torch casts loaded state to each parameter's dtype; the moments of a bf16
         # parameter must stay fp32, so put the saved fp32 tensors back.
         current = [p for g in self.param_groups for p in g["params"]]
@@ -478,6 +511,29 @@ class AdaHessian(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_estimate", None)
+
+
+def _absent_rows(p: torch.Tensor) -> torch.Tensor:
+    """Row counts of -1 ("not counted by row"), one per row of ``p``, sharded as ``p`` is."""
+    local = p.to_local() if is_dtensor(p) else p
+    rows = torch.full(p.shape[:1], -1.0, device=local.device)
+    if is_dtensor(p):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(rows, p.device_mesh, p.placements, src_data_rank=None)
+    return rows
+
+
+def _present(entry: dict) -> dict:
+    """A saved parameter's state without the keys written as absent (see ``state_dict``)."""
+    entry = dict(entry)
+    rows = entry.get("row_hessian_steps")
+    if isinstance(rows, torch.Tensor) and bool(_whole((rows < 0).all())):
+        del entry["row_hessian_steps"]
+    for key in _OPTIONAL_SCALARS:
+        if isinstance(entry.get(key), float) and math.isnan(entry[key]):
+            del entry[key]
+    return entry
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -582,13 +638,15 @@ def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2:
     # Rows never seen have v = 0: divide them by 1, then put the fallback in their place.
     correction = torch.where(seen, 1 - torch.full_like(row_steps, beta2).pow_(row_steps), 1.0)
     v_hat = v.div(_row_view(correction, v))
-    if v_hat.dim() == 0 or bool(seen.all()):
+    # A sharded (FSDP2) tensor's reductions are completed across the shards (_whole), so that every
+    # rank takes the same branch and the same fallback.
+    if v_hat.dim() == 0 or bool(_whole(seen.all())):
         return _power_plus_eps_(v_hat, hessian_power, eps, scale)
-    # Masks rather than indexing, so that a sharded (FSDP2) tensor reduces across its shards; the
-    # mean is a host scalar, as the coverage test above already is.
+    # Masks rather than indexing, so that a sharded tensor reduces across its shards; the mean is
+    # a host scalar, as the coverage test above already is.
     row_sums = v_hat.reshape(v_hat.shape[0], -1).sum(dim=1)
     row_width = v_hat.numel() // v_hat.shape[0]
-    fallback = float(torch.where(seen, row_sums, 0.0).sum()) / (float(seen.sum()) * row_width)
+    fallback = float(_whole(torch.where(seen, row_sums, 0.0).sum())) / (float(_whole(seen.sum())) * row_width)
     v_hat.masked_fill_(_row_view(seen.logical_not(), v_hat), fallback)
     return _power_plus_eps_(v_hat, hessian_power, eps, scale)
 

@@ -7,7 +7,8 @@ Only these differ from the stock Trainer, and only with ``--optim adahessian``:
 * ``training_step``, on Hessian steps, hands the micro-batch to the Hessian pass
   (``hessian_pass.micro_batch``), which runs the Trainer's own step (its loss, its
   scaling for accumulation and ``num_items_in_batch``, accelerate's backward) for
-  the chosen estimator; other steps are the Trainer's, untouched;
+  the chosen estimator (under FSDP2, with each micro-batch's gradients reduced into the
+  shards); other steps are the Trainer's, untouched;
 * ``compute_loss`` marks the loss for the Hessian pass while one is running;
 * the first step checks whether the model's loss really uses ``num_items_in_batch``
   (transformers 5 assumes so for any forward with ``**kwargs``, and would otherwise
@@ -114,19 +115,25 @@ class AdaHessianTrainerMixin:
             return loss
         settings = settings_of(self.args)
         start = time.perf_counter()
-        loss = hessian_pass.micro_batch(
-            model=model, inputs=inputs, num_items_in_batch=num_items_in_batch,
-            # The first micro-batch of an optimizer step makes the estimate; a step the
-            # loss scaler skipped leaves nothing behind, since global_step moved on.
-            estimate=optimizer.estimate(key=self.state.global_step),
-            stock_step=super().training_step, accelerator=self.accelerator,
-            estimator=optimizer.hessian_estimator, fd_scheme=optimizer.fd_scheme,
-            relative_fd_step=optimizer.relative_fd_step(_COMPUTE_DTYPES.get(self.accelerator.mixed_precision)),
-            batch_fraction=settings.hessian_batch_fraction, chunks=settings.hessian_chunks,
-            count_items=self._count_items, last=self.accelerator.sync_gradients,
-        )
+        with hessian_pass.fsdp_gradient_sync(model, restore=self._fsdp_syncs_now()):
+            loss = hessian_pass.micro_batch(
+                model=model, inputs=inputs, num_items_in_batch=num_items_in_batch,
+                # The first micro-batch of an optimizer step makes the estimate; a step the
+                # loss scaler skipped leaves nothing behind, since global_step moved on.
+                estimate=optimizer.estimate(key=self.state.global_step),
+                stock_step=super().training_step, accelerator=self.accelerator,
+                estimator=optimizer.hessian_estimator, fd_scheme=optimizer.fd_scheme,
+                relative_fd_step=optimizer.relative_fd_step(_COMPUTE_DTYPES.get(self.accelerator.mixed_precision)),
+                batch_fraction=settings.hessian_batch_fraction, chunks=settings.hessian_chunks,
+                count_items=self._count_items, last=self.accelerator.sync_gradients,
+            )
         self.hessian_seconds += time.perf_counter() - start
         return loss
+
+    def _fsdp_syncs_now(self) -> bool:
+        """Whether FSDP2 reduces this micro-batch's gradients (accelerate's no_sync turns it off before the last)."""
+        return self.accelerator.sync_gradients or bool(
+            self.accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if hessian_pass.double_backward_active() and _has_fused_lm_head(self):

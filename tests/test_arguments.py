@@ -315,14 +315,27 @@ def test_fsdp_and_torch_compile_are_refused_at_start_up(tmp_path, extra, flag):
     assert "adahessian" in message
 
 
-@pytest.mark.parametrize("estimator", ["exact", "finite_difference"])
-def test_fsdp_refusal_points_to_the_standalone_optimizer_under_fully_shard(tmp_path, estimator):
+def test_fsdp_with_the_exact_estimator_is_refused_naming_finite_differences(tmp_path):
     with pytest.raises(ValueError) as err:
         AdaHessianTrainingArguments(output_dir=str(tmp_path), optim="adahessian", learning_rate=0.1, use_cpu=True,
-                                    fsdp=True, optim_args=f"hessian_estimator={estimator}")
+                                    fsdp="full_shard", optim_args="hessian_estimator=exact")
     message = str(err.value)
-    assert "--fsdp" in message and "fully_shard" in message and "finite_difference" in message
-    assert "double backward" not in message  # the refusal is about the Trainer's path, whichever estimator
+    assert "--fsdp" in message and "hessian_estimator=finite_difference" in message
+
+
+def test_fsdp2_with_finite_differences_is_accepted(tmp_path):
+    args = AdaHessianTrainingArguments(output_dir=str(tmp_path), optim="adahessian", learning_rate=0.1, use_cpu=True,
+                                       fsdp="full_shard", fsdp_config={"version": 2},
+                                       optim_args="hessian_estimator=finite_difference")
+    assert args.fsdp and args.adahessian_settings.optimizer_kwargs["hessian_estimator"] == "finite_difference"
+
+
+def test_fsdp1_is_refused_at_start_up(tmp_path):
+    with pytest.raises(ValueError) as err:
+        AdaHessianTrainingArguments(output_dir=str(tmp_path), optim="adahessian", learning_rate=0.1, use_cpu=True,
+                                    fsdp="full_shard", fsdp_config={"version": 1},
+                                    optim_args="hessian_estimator=finite_difference")
+    assert "FSDP2" in str(err.value) and "version" in str(err.value)
 
 
 @pytest.fixture

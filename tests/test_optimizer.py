@@ -307,6 +307,45 @@ def test_float64_parameters_are_not_rounded_to_float32():
 # =====================================================================================
 # Checkpoints
 # =====================================================================================
+@pytest.mark.parametrize("settings", [{}, {"stale_guard": True, "time_weighted": True, "hessian_interval": 2}])
+def test_every_parameter_saves_the_same_keys_and_loads_back_only_its_own(settings):
+    """torch.distributed.checkpoint (FSDP2's resume) loads only keys the state it loads into
+    has, so each parameter's saved entry carries every key; those a parameter does not have
+    come back absent, and a save-load round trip gives the same state."""
+    model = tiny_mlp(0)
+    opt = AdaHessian(model.parameters(), lr=0.05, seed=1, **settings)
+    _train(model, opt, 3)
+    saved = opt.state_dict()
+    keys = {frozenset(entry) for entry in saved["state"].values()}
+    assert len(keys) == 1 and {"row_hessian_steps", "grad_norm_avg", "hessian_weight"} <= next(iter(keys))
+    assert saved["param_groups"][0]["adahessian"] == saved["adahessian"]
+
+    fresh = AdaHessian(copy_model(model).parameters(), lr=0.05, seed=7, **settings)
+    fresh.load_state_dict(saved)
+    for p_fresh, p in zip(fresh.param_groups[0]["params"], opt.param_groups[0]["params"]):
+        assert set(fresh.state[p_fresh]) == set(opt.state[p])
+    assert "adahessian" not in fresh.param_groups[0] and fresh.stats == opt.stats
+
+
+def test_a_step_at_lr_0_on_zero_gradients_makes_the_state_a_checkpoint_loads_into():
+    """What torch.distributed.checkpoint does before loading (``_init_optim_state``): no
+    curvature is needed, and nothing moves."""
+    model = tiny_mlp(0)
+    before = clone_params(model)
+    opt = AdaHessian(model.parameters(), lr=0.05, seed=1)
+    opt.param_groups[0]["lr"] = 0.0  # as torch.distributed.checkpoint sets it
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+    assert_all_equal(clone_params(model), before, "parameter")
+    opt.param_groups[0]["lr"] = 0.05
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="needs a Hessian-vector product"):
+        opt.step()  # a real step still needs its curvature
+
+
 @pytest.mark.parametrize("resume_at", [2, 3], ids=["before_a_hessian_step", "before_a_lazy_step"])
 def test_resuming_from_a_checkpoint_is_identical_to_an_uninterrupted_run(resume_at):
     """Save after ``resume_at`` steps, restore into a fresh model and a fresh optimizer (other

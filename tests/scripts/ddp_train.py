@@ -250,7 +250,7 @@ def run_case(name: str, batch: int, out: Path) -> None:
         (case_dir / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
         return
     model = make_model(spec.get("model", "bert")).to(spec.get("dtype", torch.float32))
-    args = AdaHessianTrainingArguments(
+    settings = dict(
         output_dir=str(case_dir / "trainer"),
         use_cpu=True,
         per_device_train_batch_size=batch,
@@ -271,6 +271,10 @@ def run_case(name: str, batch: int, out: Path) -> None:
         dataloader_num_workers=0,
         ddp_find_unused_parameters=spec.get("find_unused"),
     )
+    if "RANK" in os.environ:  # the single-process reference of a sharded case trains unsharded
+        settings.update(spec.get("distributed_args", {}))
+    settings.update(spec.get("trainer_args", {}))
+    args = AdaHessianTrainingArguments(**settings)
     recorder = LogRecorder()
     dataset = make_dataset("clm" if spec.get("model") == "clm" else "bert")
     trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder])
@@ -282,7 +286,7 @@ def run_case(name: str, batch: int, out: Path) -> None:
     if "patch" in spec:
         ah_estimate.all_reduce_mean_ = patched_all_reduce(spec["patch"], model)
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=spec.get("resume_from"))
     finally:
         ah_estimate.all_reduce_mean_ = original
 
@@ -304,7 +308,12 @@ def run_case(name: str, batch: int, out: Path) -> None:
         "logs": recorder.logs,
     }
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    torch.save({k: v.detach().clone() for k, v in unwrapped.state_dict().items()}, case_dir / f"rank{rank}.pt")
+    params = list(unwrapped.parameters())
+    info["sharded_params"] = sum(type(p).__name__ == "DTensor" for p in params)
+    info["params"] = len(params)
+    # A sharded (FSDP2) tensor is gathered whole: every rank takes part.
+    torch.save({k: (v.full_tensor() if type(v).__name__ == "DTensor" else v).detach().clone()
+                for k, v in unwrapped.state_dict().items()}, case_dir / f"rank{rank}.pt")
     (case_dir / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
 
 

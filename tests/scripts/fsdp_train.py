@@ -11,8 +11,11 @@ rank{r}.json (how the parameters and the state were sharded, the logged losses).
 Cases: ``loop_fd_fp64`` (forward differences, float64), ``loop_fd_central_fp64`` (central),
 ``loop_fd`` (forward, float32, eps=1e-2).
 
-Not here: the Trainer's ``--fsdp``.  accelerate (1.15) turns FSDP on only for GPU-type
-set-ups, so on CPU the Trainer's ``--fsdp`` trains with DDP; the package refuses ``--fsdp``.
+Trainer cases (``trainer_*``): the Trainer's own ``--fsdp full_shard`` with FSDP2, through
+accelerate.  accelerate takes its FSDP path only for accelerator device types (on CPU it would
+train with DDP), so under torchrun :func:`fsdp_on_cpu` sets the distributed type accelerate sets
+on a GPU; FSDP2 itself runs on gloo.  ``trainer_fd_resume_fp64`` also resumes from its step-2
+checkpoint (DIR/trainer_fd_resume_fp64_resumed/).
 """
 
 from __future__ import annotations
@@ -41,6 +44,44 @@ CASES = {
     "loop_fd": dict(dtype=torch.float32, kwargs={"eps": 1e-2}),
 }
 LEARNING_RATE = 0.05
+
+# The Trainer's --fsdp (FSDP2 through accelerate), each with its single-process reference (the same
+# case without the sharding, batch 2B).  BertLayer is named: accelerate 1.16's default wrap shards
+# the embeddings twice (``fully_shard`` on an already sharded nn.Embedding fails).
+FSDP_ARGS = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
+FD = "hessian_interval=1,hessian_estimator=finite_difference"
+TRAINER_CASES = {
+    # A control of the set-up: stock AdamW under the Trainer's FSDP2.
+    "trainer_adamw": dict(optim="adamw_torch", learning_rate=1e-3, optim_args=None, grad_acc=1, model="told"),
+    "trainer_adamw_ga2_fp64": dict(optim="adamw_torch", learning_rate=1e-3, optim_args=None, grad_acc=2, model="told",
+                                   dtype=torch.float64),
+    "trainer_fd_fp64": dict(optim="adahessian", learning_rate=0.05, dtype=torch.float64, optim_args=FD, grad_acc=1),
+    # Accumulation: every micro-batch of a Hessian step is reduced (fsdp_gradient_sync), the others are not.
+    "trainer_fd_i2_ga2_fp64": dict(optim="adahessian", learning_rate=0.05, dtype=torch.float64, grad_acc=2,
+                                   optim_args="hessian_interval=2,hessian_estimator=finite_difference"),
+    # The stale guard (its gradient norms completed across the shards), interval 2.
+    "trainer_fd_i2_sg_fp64": dict(optim="adahessian", learning_rate=0.05, dtype=torch.float64, grad_acc=1,
+                                  optim_args="hessian_interval=2,hessian_estimator=finite_difference,stale_guard=true"),
+    "trainer_fd": dict(optim="adahessian", learning_rate=0.05, optim_args=FD + ",eps=1e-2", grad_acc=1),
+}
+# Resume under FSDP2: 4 steps saving at step 2 (the sharded optimizer state through accelerate's
+# distributed checkpoint), then a fresh Trainer resumes from checkpoint-2 to step 4.
+# The stale guard and time weighting put every optional state key into the checkpoint.
+RESUME = dict(optim="adahessian", learning_rate=0.05, dtype=torch.float64, grad_acc=1,
+              optim_args="hessian_interval=2,hessian_estimator=finite_difference,stale_guard=true,time_weighted=true")
+TRAINER_CASES["trainer_fd_resume_fp64"] = dict(RESUME, trainer_args={"save_strategy": "steps", "save_steps": 2})
+for case in TRAINER_CASES.values():
+    case["distributed_args"] = FSDP_ARGS
+ddp_train.CASES.update(TRAINER_CASES)  # ddp_train.run_case trains them
+
+
+def run_resumed(name: str, batch: int, out: Path) -> None:
+    """``name``: trained whole with a checkpoint at step 2; ``name``_resumed: from that checkpoint."""
+    ddp_train.run_case(name, batch, out)
+    checkpoint = out / name / "trainer" / "checkpoint-2"
+    ddp_train.CASES[f"{name}_resumed"] = dict(TRAINER_CASES[name], resume_from=str(checkpoint),
+                                              trainer_args={"save_strategy": "no"})
+    ddp_train.run_case(f"{name}_resumed", batch, out)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -87,6 +128,10 @@ def loop(spec: dict, batch: int) -> tuple[torch.nn.Module, dict, list]:
 
 
 def run_case(name: str, batch: int, out: Path) -> None:
+    if name == "trainer_fd_resume_fp64":
+        return run_resumed(name, batch, out)
+    if name in TRAINER_CASES:
+        return ddp_train.run_case(name, batch, out)
     case_dir = out / name
     case_dir.mkdir(parents=True, exist_ok=True)
     model, info, logs = loop(CASES[name], batch)
@@ -100,13 +145,36 @@ def run_case(name: str, batch: int, out: Path) -> None:
     (case_dir / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
 
 
+def fsdp_on_cpu() -> None:
+    """Let accelerate take its FSDP path on CPU processes, as it does on GPU ones.
+
+    accelerate turns ``--fsdp`` into FSDP only for accelerator device types; on CPU it
+    keeps MULTI_CPU and the Trainer trains with DDP.  FSDP2 itself runs on gloo, so
+    the test sets the distributed type accelerate would have set on a GPU.
+    """
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    init = accelerate.state.AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    accelerate.state.AcceleratorState.__init__ = patched
+
+
 def init_process_group() -> None:
     if "RANK" in os.environ:  # under torchrun
         dist.init_process_group("gloo")
+        fsdp_on_cpu()
 
 
 def main() -> None:
-    ddp_train.main(__doc__.splitlines()[0], CASES, run_case, setup=init_process_group)
+    ddp_train.main(__doc__.splitlines()[0], {**CASES, **TRAINER_CASES}, run_case, setup=init_process_group)
 
 
 if __name__ == "__main__":
