@@ -327,6 +327,10 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
         *(adahessian(10, lr, grid, block_size=32, hessian_warmup=15, stale_guard=True, hessian_batch_fraction=fraction,
                      hessian_estimator="finite_difference", note=followed)
           for fraction in (0.25, 1.0)),
+        # The whole-batch forward differences with a shorter warm-up, or none: the stale guard alone.
+        *(adahessian(10, lr, grid, block_size=32, hessian_warmup=warmup, stale_guard=True,
+                     hessian_estimator="finite_difference", note=followed)
+          for warmup in (0, 5)),
         torch_optimizer_adahessian(lr, grid),
         pytorch_optimizer_adahessian(lr, grid),
         sophiah(1, sophia_lr, sophia_grid),

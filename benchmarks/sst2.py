@@ -64,6 +64,10 @@ OPTIMIZERS = specs.registry(
     *(specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, hessian_batch_fraction=fraction,
                        hessian_estimator="finite_difference", note="the recipe's lr")
       for fraction in (0.25, 1.0)),
+    # The whole-batch forward differences with a shorter warm-up, or none: the stale guard alone.
+    *(specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=warmup, stale_guard=True,
+                       hessian_estimator="finite_difference", note="the recipe's lr")
+      for warmup in (0, 5)),
     # LoRA (r 8 on query and value, the head trained in full): the time and memory of a Hessian through a
     # frozen base. Adapters take larger steps than full fine-tuning; AdamW's 1e-3 is the usual LoRA value.
     specs.lora(specs.adamw(1e-4, ()), 1e-3, (3e-4, 1e-3, 3e-3), note="lr not searched: the usual LoRA value"),
