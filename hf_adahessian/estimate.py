@@ -94,8 +94,8 @@ class HessianEstimate:
         # Whether an estimator put gradients into .grad outside DDP's reducer: then the
         # all-reduce must average those too.
         self.made_gradients = False
-        # Finite differences: (ε, loss scale, scheme) while the sums hold z ⊙ Σ g(θ + εz)
-        # (and, central, − z ⊙ Σ g(θ − εz)); finish_() turns them into the difference quotient.
+        # Finite differences: (ε, loss scale, scheme) while the sums hold Σ g(θ + εz) (and,
+        # central, − Σ g(θ − εz)); finish_() turns them into the difference quotient.
         self.difference: tuple[float, float, str] | None = None
         self.micro_batches = 0
         self.reduced = False
@@ -177,8 +177,10 @@ class HessianEstimate:
             if acc is None:
                 acc = self.sums[i] = torch.zeros_like(p, dtype=estimate_dtype(p))
             if g is not None:
-                acc.sub_(self.probe(i, 0, acc.dtype).mul_(g.to(acc.dtype)), alpha=1.0 / scale)
-            acc.div_(eps if scheme == "forward" else 2 * eps)
+                acc.sub_(g.to(acc.dtype), alpha=1.0 / scale)
+            # z once, on the difference: z ⊙ a − z ⊙ b is z ⊙ (a − b) to the bit (z is ±1), and one
+            # probe draw per parameter is what a draw per pass would cost twice or three times.
+            acc.mul_(self.probe(i, 0, acc.dtype)).div_(eps if scheme == "forward" else 2 * eps)
         self.difference = None
 
     def _set_difference(self, eps: float, scale: float, scheme: str) -> None:

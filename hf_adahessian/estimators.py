@@ -241,19 +241,19 @@ def perturbed(estimate: HessianEstimate, eps: float):
 
 def add_perturbed_gradients(estimate: HessianEstimate, grads: Sequence[torch.Tensor | None], eps: float,
                             scale: float = 1.0, scheme: str = "forward", sign: int = 1) -> None:
-    """Add ``sign`` · z ⊙ g(θ + sign·εz) / scale; ``finish_`` completes the difference.
+    """Add ``sign`` · g(θ + sign·εz) / scale; ``finish_`` completes the difference.
 
-    Forward: ``finish_`` subtracts z ⊙ g(θ) and divides by ε.  Central: the sums hold
-    z ⊙ (g(θ + εz) − g(θ − εz)) once both signs are in, and ``finish_`` divides by 2ε.
+    Forward: ``finish_`` subtracts g(θ), multiplies by z and divides by ε.  Central: the
+    sums hold g(θ + εz) − g(θ − εz) once both signs are in, and ``finish_`` multiplies by z
+    and divides by 2ε.
     """
     estimate._set_difference(eps, scale, scheme)
     with torch.no_grad():
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            # The caller hands over g(θ ± εz), which nothing else needs: z ⊙ g is made in it.
+            # The caller hands over g(θ ± εz), which nothing else needs: the sum is made in it.
             term = g.detach().to(estimate_dtype(g))
-            term.mul_(estimate.probe(i, 0, term.dtype))
             factor = sign / scale
             estimate.add_(i, term.mul_(factor) if factor != 1.0 else term)
     if sign > 0:
