@@ -180,7 +180,7 @@ class HessianEstimate:
                 acc.sub_(g.to(acc.dtype), alpha=1.0 / scale)
             # z once, on the difference: z ⊙ a − z ⊙ b is z ⊙ (a − b) to the bit (z is ±1), and one
             # probe draw per parameter is what a draw per pass would cost twice or three times.
-            acc.mul_(self.probe(i, 0, acc.dtype)).div_(eps if scheme == "forward" else 2 * eps)
+            acc.mul_(self.probe(i, 0, torch.int8)).div_(eps if scheme == "forward" else 2 * eps)
         self.difference = None
 
     def _set_difference(self, eps: float, scale: float, scheme: str) -> None:

@@ -229,7 +229,8 @@ def perturbed(estimate: HessianEstimate, eps: float):
     with torch.no_grad():
         saved = [p.detach().clone() for p in params]
         for i, p in enumerate(params):
-            p.add_(estimate.probe(i, 0, p.dtype), alpha=eps)
+            # int8 probes (±1 exactly): a quarter of the memory traffic of probes in θ's dtype.
+            p.add_(estimate.probe(i, 0, torch.int8), alpha=eps)
     try:
         yield
     finally:
