@@ -16,7 +16,7 @@ package's own pieces put together phase by phase (``steps.py``):
                                                  the Trainer's hessian_batch_fraction=0.25 path: Hessian
                                                  forward, grad (graph) and Hessian-vector on the first 4 rows
                                                  (Hessian only), then forward and backward on all 16, ...
-    adahessian finite-difference Hessian step    perturb θ+εz, forward and grad at θ+εz, z ⊙ g(θ+εz),
+    adahessian finite-difference Hessian step    perturb θ+εz, forward and grad at θ+εz, g(θ+εz) into the estimate,
                                                  restore θ (the same at θ−εz with --fd_scheme central),
                                                  forward, backward, difference, clip, update, ...
 

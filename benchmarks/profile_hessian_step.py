@@ -18,10 +18,10 @@ The finite-difference estimator (``hessian_estimator=finite_difference``), as th
 
     perturb θ+εz     estimators.perturbed: θ saved, θ += εz
     forward (θ+εz), grad (θ+εz)   an ordinary forward and gradient at the perturbed point
-    z ⊙ g(θ+εz)      estimators.add_perturbed_gradients
+    g(θ+εz) folded   estimators.add_perturbed_gradients
     restore θ        θ copied back
     forward, backward   the step's own gradient at θ (same dropout masks)
-    difference       est.finish_(): z ⊙ (g(θ+εz) − g(θ)) / ε
+    difference       est.finish_(): Hz ≈ (g(θ+εz) − g(θ)) / ε
     clip, update, zero_grad
 
 In the same process and interleaved round by round (so that another process on the cores

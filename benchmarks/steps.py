@@ -145,7 +145,7 @@ def _difference_step(model, batch: dict, perturbed_batch: dict, optimizer, schem
                 moved.enter_context(perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign))
             with phase(f"forward{label} ({at})"):
                 loss = model(**perturbed_batch).loss
-            with phase(f"grad and z ⊙ g{label} ({at})"):
+            with phase(f"grad{label} ({at})"):
                 mark(loss).backward()
             del loss
             with phase(f"restore θ from {at}"):
@@ -165,9 +165,9 @@ def finite_difference_hessian_step(model, batch: dict, optimizer, phase: Phase =
     """AdaHessian's finite-difference Hessian step: the pass at θ + εz (and θ − εz, central), then at θ.
 
     With the trainer's own ``hessian_pass.perturbed_pass``: the perturbed passes first (θ ± εz,
-    the RNG forked, each gradient folded into the estimate as ±z ⊙ g(θ ± εz), θ restored bit
+    the RNG forked, each gradient folded into the estimate as ±g(θ ± εz), θ restored bit
     for bit on exit); then the ordinary forward and backward at θ, and ``finish_()`` makes
-    z ⊙ (g(θ + εz) − g(θ)) / ε (forward) or z ⊙ (g(θ + εz) − g(θ − εz)) / 2ε (central).
+    Hz ≈ (g(θ + εz) − g(θ)) / ε (forward) or (g(θ + εz) − g(θ − εz)) / 2ε (central).
     """
     return _difference_step(model, batch, batch, optimizer, optimizer.fd_scheme, phase)
 

@@ -25,7 +25,7 @@ from .distributed import all_reduce_mean_
 from .estimators import accumulate_exact
 from .probes import Probes, estimate_dtype, is_dtensor
 
-__all__ = ["HessianEstimate", "block_average", "block_average_", "observed_rows"]
+__all__ = ["HessianEstimate", "block_average", "block_average_", "hessian_diagonal_", "observed_rows"]
 
 
 def block_average(d: torch.Tensor, block_size: int = 1, average_conv_kernel: bool = True) -> torch.Tensor:
@@ -57,17 +57,48 @@ def block_average_(d: torch.Tensor, block_size: int = 1, average_conv_kernel: bo
     return d
 
 
-def observed_rows(signed_sum: torch.Tensor) -> torch.Tensor:
-    """Which rows (slices along the first dim) the estimate saw: any entry of the row is nonzero.
+def hessian_diagonal_(signed_sum: torch.Tensor, block_size: int = 1, average_conv_kernel: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D = |sum| averaged over blocks, the rows it observed and the sum of D: what ``step()`` takes.
+
+    The absolute value is taken in place.  Where blocks of ``block_size`` tile the last
+    dim evenly, D comes back as a broadcast view of the block means, shaped
+    ``(*leading, blocks, block_size)`` with stride 0 along the last dim: v is updated
+    through it (``v.view(D.shape)``) and no parameter-sized D is ever written.  The row
+    coverage and the sum come from the same one reduction over |sum|, by block or by row.
+    """
+    d = signed_sum.abs_()
+    width = d.shape[-1] if d.dim() >= 2 else 1
+    tiled = (d.dim() >= 2 and 1 < block_size < width and width % block_size == 0
+             and not (d.dim() == 4 and average_conv_kernel) and not is_dtensor(d))
+    if not tiled:
+        d = block_average_(d, block_size, average_conv_kernel)
+        if d.dim() == 0:
+            return d, d.gt(0), d
+        row_sums = d.reshape(d.shape[0], -1).sum(dim=1)
+        return d, row_sums.gt(0), row_sums.sum()
+    blocks = d.unflatten(-1, (width // block_size, block_size))
+    block_sums = blocks.sum(dim=-1, keepdim=True)
+    row_sums = block_sums.reshape(d.shape[0], -1).sum(dim=1)
+    means = block_sums.div_(block_size)
+    return means.expand(blocks.shape), row_sums.gt(0), row_sums.sum()
+
+
+def observed_rows(magnitude: torch.Tensor) -> torch.Tensor:
+    """Which rows (slices along the first dim) the estimate saw, from |D| before block averaging.
 
     An embedding row that no token of the batch used has a gradient and a Hessian
-    row of exactly zero, so its sum is exactly zero: that is "not observed", not
-    "no curvature".  Rows are the granularity because that is how coverage varies
-    in practice (embedding rows, dead units); a 0-d tensor is one row.
+    row of exactly zero, so its |D| is exactly zero: that is "not observed", not
+    "no curvature".  A sum of non-negative numbers is zero only when each is, so
+    a row sum tells (one reduction, where testing every entry for zero costs a
+    boolean tensor of the parameter's size).  Rows are the granularity because
+    that is how coverage varies in practice (embedding rows, dead units); a 0-d
+    tensor is one row.  A row holding NaN is "not observed", and the estimate it
+    belongs to is not finite, so the optimizer skips it whole.
     """
-    if signed_sum.dim() == 0:
-        return signed_sum.ne(0)
-    return signed_sum.reshape(signed_sum.shape[0], -1).ne(0).any(dim=1)
+    if magnitude.dim() == 0:
+        return magnitude.gt(0)
+    return magnitude.reshape(magnitude.shape[0], -1).sum(dim=1).gt(0)
 
 
 class HessianEstimate:
@@ -77,7 +108,9 @@ class HessianEstimate:
     parameter ``i`` is ``probes.draw(i, ...)``.  The sums are kept signed and
     unscaled (an AMP loss scale is divided out as each term is added): across
     micro-batches and processes they are added before the absolute value is taken,
-    as for one large batch.
+    as for one large batch.  Finite differences, which take one probe, keep Hz
+    itself (``probe_applied`` False): its absolute value is the same, and
+    :meth:`terms` gives z ⊙ Hz for either.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], seed: int, step: int, n_samples: int = 1, key=None,
@@ -97,6 +130,8 @@ class HessianEstimate:
         # Finite differences: (ε, loss scale, scheme) while the sums hold Σ g(θ + εz) (and,
         # central, − Σ g(θ − εz)); finish_() turns them into the difference quotient.
         self.difference: tuple[float, float, str] | None = None
+        # Whether the sums are z ⊙ Hz (True) or, after finite differences, Hz.
+        self.probe_applied = True
         self.micro_batches = 0
         self.reduced = False
         # Made on a step without a scheduled Hessian, for parameters no estimate has seen yet
@@ -122,6 +157,11 @@ class HessianEstimate:
         """Add a term (fresh, owned by the estimate from now on) to parameter ``index``'s sum."""
         acc = self.sums[index]
         self.sums[index] = term if acc is None else acc.add_(term)
+
+    def terms(self) -> list[torch.Tensor]:
+        """z ⊙ Hz per parameter (the sums as they stand, the probe applied where it is not yet): new tensors."""
+        return [s.clone() if self.probe_applied else s * self.probe(i, 0, s.dtype)
+                for i, s in enumerate(self.filled())]
 
     def filled(self) -> list[torch.Tensor]:
         """Every sum, a zero tensor where nothing was added: a fixed set on every process."""
@@ -178,10 +218,11 @@ class HessianEstimate:
                 acc = self.sums[i] = torch.zeros_like(p, dtype=estimate_dtype(p))
             if g is not None:
                 acc.sub_(g.to(acc.dtype), alpha=1.0 / scale)
-            # z once, on the difference: z ⊙ a − z ⊙ b is z ⊙ (a − b) to the bit (z is ±1), and one
-            # probe draw per parameter is what a draw per pass would cost twice or three times.
-            acc.mul_(self.probe(i, 0, torch.int8)).div_(eps if scheme == "forward" else 2 * eps)
+            # Hz itself, not z ⊙ Hz: with one probe, |z ⊙ Hz| = |Hz| to the bit (z is ±1), and |·| is all
+            # that step() takes, so neither the probe nor the product is made again.
+            acc.div_(eps if scheme == "forward" else 2 * eps)
         self.difference = None
+        self.probe_applied = False
 
     def _set_difference(self, eps: float, scale: float, scheme: str) -> None:
         if self.difference is not None and self.difference != (eps, scale, scheme):

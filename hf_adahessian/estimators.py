@@ -229,8 +229,8 @@ def perturbed(estimate: HessianEstimate, eps: float):
     with torch.no_grad():
         saved = [p.detach().clone() for p in params]
         for i, p in enumerate(params):
-            # int8 probes (±1 exactly): a quarter of the memory traffic of probes in θ's dtype.
-            p.add_(estimate.probe(i, 0, torch.int8), alpha=eps)
+            # εz added slice by slice from the probe's random bytes: no parameter-sized probe is made.
+            estimate.probes.add_to_(i, p, eps)
     try:
         yield
     finally:
@@ -244,9 +244,9 @@ def add_perturbed_gradients(estimate: HessianEstimate, grads: Sequence[torch.Ten
                             scale: float = 1.0, scheme: str = "forward", sign: int = 1) -> None:
     """Add ``sign`` · g(θ + sign·εz) / scale; ``finish_`` completes the difference.
 
-    Forward: ``finish_`` subtracts g(θ), multiplies by z and divides by ε.  Central: the
-    sums hold g(θ + εz) − g(θ − εz) once both signs are in, and ``finish_`` multiplies by z
-    and divides by 2ε.
+    Forward: ``finish_`` subtracts g(θ) and divides by ε.  Central: the sums hold
+    g(θ + εz) − g(θ − εz) once both signs are in, and ``finish_`` divides by 2ε.  The sums then
+    hold Hz, whose absolute value is |z ⊙ Hz| (see ``HessianEstimate``): z is never applied.
     """
     estimate._set_difference(eps, scale, scheme)
     with torch.no_grad():

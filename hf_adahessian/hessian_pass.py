@@ -290,7 +290,7 @@ def perturbed_pass(model: torch.nn.Module, estimate: HessianEstimate, eps: float
     Inside: the parameters at θ ± εz (restored bit for bit on exit), the RNG forked (so
     the pass draws the dropout masks the pass at θ draws after it), no DDP reducer, and
     the backward of a marked loss (the Trainer's own step, or ``mark(loss).backward()``)
-    folds ±z ⊙ g(θ ± εz) into the estimate, at ``accelerator``'s loss scale.
+    folds ±g(θ ± εz) into the estimate, at ``accelerator``'s loss scale.
     """
     with torch.random.fork_rng(devices=rng_devices(estimate.params)), no_sync(model), fsdp_resharded(model), \
             perturbed(estimate, sign * eps), capture_backward(_fd_sink(estimate, accelerator, eps, scheme, sign)):

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch.optim.optimizer import Optimizer
 
-from .estimate import HessianEstimate, block_average_, observed_rows
+from .estimate import HessianEstimate, hessian_diagonal_
 from .estimators import FD_STEP, closure_difference
 from .probes import is_dtensor
 from .validation import HyperparameterError, check_group_hyperparameters, check_optimizer_hyperparameters
@@ -312,8 +312,8 @@ class AdaHessian(Optimizer):
         # estimate, and which tensors did it observe only in part.
         norms = [_whole(n).float() for n in torch._foreach_norm(grads)] if grads else []
         checks = [torch.stack(norms).sum()] if grads else []
-        for d, rows in diags.values():
-            checks += [_whole(d.sum()).float(), _whole(rows.logical_not().sum()).float()]
+        for _, rows, total in diags.values():
+            checks += [_whole(total).float(), _whole(rows.logical_not().sum()).float()]
         if self.stale_guard:
             checks += norms
         device = checks[0].device if checks else None
@@ -340,16 +340,10 @@ class AdaHessian(Optimizer):
         return loss
 
     def _hessian_diagonals(self, estimate: HessianEstimate) -> dict:
-        """|D| block-averaged per group, in place in the estimate's sums, with the rows each observed."""
+        """param -> (D, the rows it observed, the sum of D): |sums| block-averaged per group, in place."""
         groups = {p: g for g in self.param_groups for p in g["params"]}
-        out = {}
-        for p, s in zip(estimate.params, estimate.sums):
-            if s is None:
-                continue
-            rows = observed_rows(s)
-            group = groups[p]
-            out[p] = (block_average_(s.abs_(), group["block_size"], group["average_conv_kernel"]), rows)
-        return out
+        return {p: hessian_diagonal_(s, groups[p]["block_size"], groups[p]["average_conv_kernel"])
+                for p, s in zip(estimate.params, estimate.sums) if s is not None}
 
     def _observed_or_skip(self, estimate, diags, values) -> dict:
         """param -> (|D|, rows or None for all) of what enters v, or {} when the estimate is not finite."""
@@ -374,7 +368,7 @@ class AdaHessian(Optimizer):
         self.stats.last_hessian_mean = total / numel if numel else float("nan")
         observed = {}
         for p, unobserved in zip(diags, values[1::2]):
-            d, rows = diags[p]
+            d, rows, _ = diags[p]
             if unobserved == 0:
                 observed[p] = (d, None)
             elif unobserved < rows.numel():
@@ -578,7 +572,9 @@ def adahessian(
     """One AdaHessian update of ``params`` in place; moments are fp32.
 
     ``steps``/``hessian_steps`` already count this step.  ``hessian_diags[i]`` is
-    |D| for a parameter whose v is updated now, ``None`` to reuse its v;
+    |D| for a parameter whose v is updated now (its shape, or a broadcast of block means
+    shaped ``(*leading, blocks, block_size)``: ``estimate.hessian_diagonal_``), ``None`` to
+    reuse its v;
     ``observed_rows[i]`` is None when D covers every row, else which rows it saw
     (v moves only there).  ``row_hessian_steps[i]`` is None while every row has
     been seen on each of the tensor's Hessian steps, else each row's count.  A
@@ -615,8 +611,14 @@ def _row_view(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows.view(rows.shape + (1,) * (like.dim() - rows.dim()))
 
 
+def _v_as(v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """v viewed in D's shape: D may be a broadcast of block means, (*leading, blocks, block_size)."""
+    return v if d.shape == v.shape else v.view(d.shape)
+
+
 def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta2: float) -> None:
     """v ← β2·v + (1 − β2)·D², on the observed rows only (``beta2`` here: this step's decay, β2^w)."""
+    v = _v_as(v, d)
     if rows is None:
         v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
     else:
@@ -695,8 +697,8 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
     torch._foreach_lerp_(exp_avgs, grads32, 1 - beta1)
     with_d = [i for i, d in enumerate(ds) if d is not None]
     if with_d:
-        vs = [exp_hs[i] for i in with_d]
         dd = [ds[i] for i in with_d]
+        vs = [_v_as(exp_hs[i], d) for i, d in zip(with_d, dd)]
         torch._foreach_mul_(vs, beta2_now)
         torch._foreach_addcmul_(vs, dd, dd, value=1 - beta2_now)
     live = [i for i, s in enumerate(hsteps) if s > 0]

@@ -8,9 +8,11 @@ optimizers does not change dropout masks or data order.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["Probes", "rademacher_like", "estimate_dtype"]
+__all__ = ["Probes", "rademacher_like", "add_rademacher_", "estimate_dtype"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -27,19 +29,56 @@ def _mix(*words: int) -> int:
     return x >> 1
 
 
+_CHUNK_BYTES = 1 << 17  # random bytes per slice of an in-place perturbation: 1M probes, a few MB of scratch
+
+
+@functools.lru_cache(maxsize=None)
+def _sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 8): row b holds the eight probes byte b encodes, bit k (lowest first) giving 2·bit − 1."""
+    bits = (torch.arange(256, dtype=torch.int16).unsqueeze(-1) >> torch.arange(8, dtype=torch.int16)) & 1
+    return (bits * 2 - 1).to(device=device, dtype=dtype)
+
+
+def _random_bytes(count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.empty(count, dtype=torch.uint8, device=device).random_(0, 256, generator=generator)
+
+
 def rademacher_like(t: torch.Tensor, generator: torch.Generator, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A tensor of ±1 with the shape and device of ``t``, in ``dtype`` (default ``t``'s).
 
     int8 probes take a quarter of the memory of fp32 ones and hold ±1 exactly.
     """
-    # Eight probes per random byte: one draw per element is what made the probes
-    # a visible share of a Hessian step (3× slower for a model's worth of them).
+    # Eight probes per random byte, looked up in one gather: one draw per element is what
+    # made the probes a visible share of a Hessian step (3× slower for a model's worth).
     n = t.numel()
-    random_bytes = torch.empty((n + 7) // 8, dtype=torch.uint8, device=t.device).random_(0, 256, generator=generator)
-    shifts = torch.arange(8, dtype=torch.uint8, device=t.device)
-    bits = (random_bytes.unsqueeze(-1) >> shifts).bitwise_and_(1).view(-1)[:n]
-    z = bits.view(torch.int8) if (dtype or t.dtype) == torch.int8 else bits.to(dtype or t.dtype)
-    return z.mul_(2).sub_(1).view(t.shape)
+    random_bytes = _random_bytes((n + 7) // 8, generator, t.device)
+    dtype = dtype or t.dtype
+    table = _sign_table(t.device, dtype)
+    if dtype.itemsize == 1:
+        # A byte's eight one-byte probes are one int64: a gather of words, not of rows.
+        table = table.view(torch.int64).view(-1)
+    z = table[random_bytes.long()].view(dtype)
+    return z.view(-1)[:n].view(t.shape)
+
+
+def add_rademacher_(t: torch.Tensor, generator: torch.Generator, alpha: float) -> torch.Tensor:
+    """``t += alpha·z`` for the z ``rademacher_like(t, generator)`` would draw, bit for bit, without making z.
+
+    For fp32 and fp64 tensors.  Slice by slice, each from a table of ±alpha in ``t``'s dtype:
+    no parameter-sized probe, no int8-to-float conversion over the whole tensor, and the
+    scratch stays in cache.
+    """
+    n = t.numel()
+    flat = t.view(-1)
+    table = _sign_table(t.device, t.dtype) * alpha
+    random_bytes = _random_bytes((n + 7) // 8, generator, t.device).long()
+    scratch = table.new_empty((min(_CHUNK_BYTES, random_bytes.numel()), 8))
+    for start in range(0, random_bytes.numel(), _CHUNK_BYTES):
+        stop = min(start + _CHUNK_BYTES, random_bytes.numel())
+        signs = torch.index_select(table, 0, random_bytes[start:stop], out=scratch[: stop - start])
+        lo, hi = start * 8, min(n, stop * 8)
+        flat[lo:hi].add_(signs.view(-1)[: hi - lo])
+    return t
 
 
 class Probes:
@@ -49,11 +88,14 @@ class Probes:
         self.seed, self.step = int(seed), int(step)
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def draw(self, index: int, like: torch.Tensor, sample: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
-        generator = self._generators.get(like.device)
+    def _generator(self, index: int, device: torch.device, sample: int) -> torch.Generator:
+        generator = self._generators.get(device)
         if generator is None:
-            generator = self._generators[like.device] = torch.Generator(device=like.device)
-        generator.manual_seed(_mix(self.seed, self.step, index, sample))
+            generator = self._generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(_mix(self.seed, self.step, index, sample))
+
+    def draw(self, index: int, like: torch.Tensor, sample: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+        generator = self._generator(index, like.device, sample)
         if is_dtensor(like):
             # A shard of a sharded parameter (FSDP2) takes its slice of the probe one process would
             # draw for the whole tensor: every rank draws it whole and keeps its own part.
@@ -62,6 +104,13 @@ class Probes:
             whole = rademacher_like(torch.empty(like.shape, device=like.to_local().device), generator, dtype)
             return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
         return rademacher_like(like, generator, dtype)
+
+    def add_to_(self, index: int, t: torch.Tensor, alpha: float, sample: int = 0) -> torch.Tensor:
+        """``t += alpha·z`` for parameter ``index``'s probe, as ``t.add_(draw(index, t, sample), alpha=alpha)``."""
+        if is_dtensor(t) or not t.is_contiguous() or t.dtype not in (torch.float32, torch.float64):
+            # bf16's add_ rounds εz differently in its vectorised and scalar loops: the plain way there.
+            return t.add_(self.draw(index, t, sample, torch.int8), alpha=alpha)
+        return add_rademacher_(t, self._generator(index, t.device, sample), alpha)
 
 
 def is_dtensor(t) -> bool:

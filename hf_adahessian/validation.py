@@ -83,5 +83,8 @@ def check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimat
     check("hessian_estimator", hessian_estimator in ESTIMATORS, hessian_estimator,
           " or ".join(repr(e) for e in ESTIMATORS))
     check("fd_scheme", fd_scheme in FD_SCHEMES, fd_scheme, " or ".join(repr(e) for e in FD_SCHEMES))
+    check("n_samples", n_samples == 1 or hessian_estimator == "exact", n_samples,
+          "1 with hessian_estimator='finite_difference' (each probe there costs a gradient pass of its own; "
+          "more probes are an option of the exact estimator, or average over blocks with block_size)")
     check("fd_step", fd_step is None or (_is_number(fd_step) and 0 < fd_step < 1), fd_step,
           "a number in (0, 1): the perturbation relative to the parameters' norm (None: by dtype)")

@@ -226,6 +226,8 @@ def test_non_number_optim_arg_is_refused_naming_the_key(tmp_path, optim_args, ke
     ("eps=-1e-4", "eps"),
     ("hessian_interval=0", "hessian_interval"),
     ("n_samples=0", "n_samples"),
+    # Finite differences take one probe: a second would need a gradient pass of its own.
+    ("n_samples=4,hessian_estimator=finite_difference", "n_samples"),
     ("block_size=0", "block_size"),
     ("hessian_batch_fraction=0", "hessian_batch_fraction"),
     ("hessian_batch_fraction=1.5", "hessian_batch_fraction"),

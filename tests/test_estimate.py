@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from hf_adahessian.estimate import block_average, observed_rows
+from hf_adahessian.estimate import block_average, hessian_diagonal_, observed_rows
 from hf_adahessian.estimators import hutchinson_diagonal
 from hf_adahessian.probes import Probes, rademacher_like
 
@@ -138,6 +138,33 @@ def test_rademacher_like_draws_from_the_generator_it_is_given():
     a = rademacher_like(t, torch.Generator().manual_seed(5))
     assert torch.equal(a, rademacher_like(t, torch.Generator().manual_seed(5)))
     assert not torch.equal(a, rademacher_like(t, torch.Generator().manual_seed(6)))
+
+
+def _reference_rademacher(t: torch.Tensor, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """The probe stream written out: one random byte per eight probes, bit k of the byte (lowest first)
+    giving probe k as 2·bit − 1.  Checkpoints resume on this stream, so the fast draw must keep it."""
+    n = t.numel()
+    random_bytes = torch.empty((n + 7) // 8, dtype=torch.uint8).random_(0, 256, generator=generator)
+    bits = [(int(b) >> k) & 1 for b in random_bytes for k in range(8)][:n]
+    return (torch.tensor(bits, dtype=torch.int64) * 2 - 1).to(dtype).view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (13, 17, 3)])
+def test_the_fast_draw_is_the_reference_stream(shape, dtype):
+    t = torch.empty(shape)
+    assert torch.equal(rademacher_like(t, torch.Generator().manual_seed(11), dtype),
+                       _reference_rademacher(t, torch.Generator().manual_seed(11), dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("numel", [5, 8 * 131072 * 2 + 3])  # within one slice; across three slices
+def test_adding_a_probe_in_place_equals_adding_the_drawn_probe(numel, dtype):
+    """The finite-difference perturbation θ += εz, made slice by slice without a parameter-sized z, is
+    bit for bit what adding the drawn int8 probe gives."""
+    theta = torch.randn(numel, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = theta.clone().add_(Probes(3, 9).draw(2, theta, 0, torch.int8), alpha=1.234e-3)
+    assert torch.equal(Probes(3, 9).add_to_(2, theta, 1.234e-3), expected)
 
 
 def test_estimation_never_touches_the_global_rng():
@@ -281,13 +308,41 @@ def test_conv_kernels_are_not_averaged_when_average_conv_kernel_is_false():
                                rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape, block_size", [
+    ((6, 64), 32),      # blocks tile the last dim: D is a broadcast of the block means
+    ((3, 4, 96), 32),
+    ((6, 70), 32),      # a ragged last block: D is written out
+    ((6, 64), 1),
+    ((50,), 32),        # 1-D: no blocks
+    ((4, 3, 3, 3), 2),  # a conv kernel: spatial average first
+    ((), 4),
+])
+def test_the_diagonal_step_takes_is_the_block_average_of_the_absolute_sums(shape, block_size):
+    """What step() takes from an estimate: D = block_average(|sums|), its observed rows and its sum,
+    whether D is written out or a view of the block means."""
+    s = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    if s.dim():
+        s[1] = 0.0  # an unobserved row
+    d, rows, total = hessian_diagonal_(s.clone(), block_size)
+    expected = block_average(s.abs(), block_size)
+    tiled = expected.shape[:-1] + (expected.shape[-1] // block_size, block_size) if s.dim() else ()
+    assert d.shape in (expected.shape, tiled)
+    torch.testing.assert_close(d.reshape(expected.shape), expected, rtol=1e-6, atol=0)
+    assert torch.equal(rows, observed_rows(s.abs()))
+    torch.testing.assert_close(total, expected.sum(), rtol=1e-5, atol=0)
+
+
 # ---------------------------------------------------------------------------------- coverage
 def test_a_row_is_observed_when_any_of_its_entries_is_nonzero():
-    """Rows are slices along the first dim; a 1-D tensor's rows are its entries, a 0-d tensor is one row."""
-    s = torch.zeros(4, 3)
-    s[1, 2] = -0.5
+    """Rows are slices along the first dim of |D|; a 1-D tensor's rows are its entries, a 0-d tensor is one row."""
+    s = torch.zeros(5, 3)
+    s[1, 2] = 0.5
     s[3] = 1.0
-    assert observed_rows(s).tolist() == [False, True, False, True]
+    s[4, 0] = torch.finfo(torch.float32).tiny / 4  # a subnormal alone still counts
+    assert observed_rows(s).tolist() == [False, True, False, True, True]
+    # The same rows as testing every entry for zero, on a random |D| with rows zeroed.
+    d = torch.randn(64, 7).abs_().index_fill_(0, torch.tensor([0, 5, 63]), 0.0)
+    assert torch.equal(observed_rows(d), d.ne(0).any(dim=1))
     assert observed_rows(torch.tensor([0.0, 2.0, 0.0])).tolist() == [False, True, False]
     assert observed_rows(torch.tensor(0.0)).item() is False
     assert observed_rows(torch.zeros(2, 2, 3, 3).index_fill_(0, torch.tensor([1]), 1.0)).tolist() == [False, True]
@@ -302,4 +357,4 @@ def test_embedding_rows_no_token_used_have_an_estimate_of_exactly_zero():
     loss = torch.tanh(head(emb(tokens))).pow(2).sum()
     grads = _grads_with_graph(loss, [emb.weight])
     (est,) = hutchinson_diagonal(grads, [emb.weight], Probes(0))
-    assert observed_rows(est).nonzero().flatten().tolist() == [1, 3, 5, 7]
+    assert observed_rows(est.abs()).nonzero().flatten().tolist() == [1, 3, 5, 7]

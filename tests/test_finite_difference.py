@@ -36,7 +36,7 @@ class FirstEstimate(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step == 0:
             est = optimizer.optimizer._estimate
-            self.sums = [s.clone() for s in est.filled()]
+            self.sums = est.terms()  # z ⊙ Hz, whichever estimator made them
             self.params_before_update = [p.detach().clone() for p in model.parameters()]
 
 

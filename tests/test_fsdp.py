@@ -31,9 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "fsdp_train.py"
 # case -> parameters' tolerance as a share of the distance trained
 CASES = {"loop_fd_fp64": 1e-7, "loop_fd_central_fp64": 1e-9, "loop_fd": 2e-2}
-# The Trainer's --fsdp, same tolerances (measured: AdamW 2.4e-6 in float32; float64 2.7e-10 to 1.7e-9;
-# float32 by forward differences at eps=1e-2 1.6e-3).
-TRAINER_CASES = {"trainer_adamw": 1e-5, "trainer_adamw_ga2_fp64": 1e-9, "trainer_fd_fp64": 1e-7,
+# The Trainer's --fsdp, same tolerances (measured: float64 2.7e-10 to 1.7e-9; float32 by forward differences
+# at eps=1e-2 1.6e-3).  Stock AdamW in float32 is the set-up's control, not a check of the algebra (its float64
+# twin is, at 1e-9): m/(√v + 1e-8) turns the float32 rounding of a reduce-scatter against one process's sum
+# into a relative error of the step where a gradient is small, and how much depends on the CPU's kernels
+# (2.4e-6 of the distance on one machine, 3.4e-5 on another, in one position-embedding entry).
+TRAINER_CASES = {"trainer_adamw": 1e-4, "trainer_adamw_ga2_fp64": 1e-9, "trainer_fd_fp64": 1e-7,
                  "trainer_fd_i2_ga2_fp64": 1e-7, "trainer_fd_i2_sg_fp64": 1e-7, "trainer_fd": 2e-2}
 RESUME = "trainer_fd_resume_fp64"
 

@@ -720,6 +720,12 @@ def test_bad_constructor_argument_raises_value_error_naming_it_and_its_range(nam
         AdaHessian([torch.zeros(2, requires_grad=True)], **{name: value})
 
 
+def test_finite_differences_refuse_more_than_one_probe():
+    """Each probe of a finite-difference estimate costs a gradient pass: more probes are the exact estimator's."""
+    with pytest.raises(ValueError, match=r"n_samples=2; expected 1 with hessian_estimator='finite_difference'"):
+        AdaHessian([torch.zeros(2, requires_grad=True)], n_samples=2, hessian_estimator="finite_difference")
+
+
 _BAD_GROUP_VALUES = [case for case in _BAD_ARGUMENTS if case[0] not in ("hessian_interval", "n_samples")]
 
 
