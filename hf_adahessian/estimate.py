@@ -108,9 +108,9 @@ class HessianEstimate:
     parameter ``i`` is ``probes.draw(i, ...)``.  The sums are kept signed and
     unscaled (an AMP loss scale is divided out as each term is added): across
     micro-batches and processes they are added before the absolute value is taken,
-    as for one large batch.  Finite differences, which take one probe, keep Hz
-    itself (``probe_applied`` False): its absolute value is the same, and
-    :meth:`terms` gives z ⊙ Hz for either.
+    as for one large batch.  With one probe per step (``n_samples=1``, and always
+    with finite differences) they keep Hz itself (``probe_applied`` False): its
+    absolute value is the same; :meth:`terms` gives z ⊙ Hz either way.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], seed: int, step: int, n_samples: int = 1, key=None,
@@ -130,8 +130,9 @@ class HessianEstimate:
         # Finite differences: (ε, loss scale, scheme) while the sums hold Σ g(θ + εz) (and,
         # central, − Σ g(θ − εz)); finish_() turns them into the difference quotient.
         self.difference: tuple[float, float, str] | None = None
-        # Whether the sums are z ⊙ Hz (True) or, after finite differences, Hz.
-        self.probe_applied = True
+        # Whether the sums are z ⊙ Hz or Hz: with one probe |z ⊙ Hz| = |Hz| to the bit, and |·| is all
+        # that step() takes, so the product by z is made only where several probes are summed.
+        self.probe_applied = n_samples > 1
         self.micro_batches = 0
         self.reduced = False
         # Made on a step without a scheduled Hessian, for parameters no estimate has seen yet
@@ -218,11 +219,9 @@ class HessianEstimate:
                 acc = self.sums[i] = torch.zeros_like(p, dtype=estimate_dtype(p))
             if g is not None:
                 acc.sub_(g.to(acc.dtype), alpha=1.0 / scale)
-            # Hz itself, not z ⊙ Hz: with one probe, |z ⊙ Hz| = |Hz| to the bit (z is ±1), and |·| is all
-            # that step() takes, so neither the probe nor the product is made again.
+            # Hz itself (one probe: see probe_applied), so neither the probe nor the product is made again.
             acc.div_(eps if scheme == "forward" else 2 * eps)
         self.difference = None
-        self.probe_applied = False
 
     def _set_difference(self, eps: float, scale: float, scheme: str) -> None:
         if self.difference is not None and self.difference != (eps, scale, scheme):

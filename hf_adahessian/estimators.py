@@ -95,8 +95,12 @@ NO_DOUBLE_BACKWARD_MESSAGE = (
 )
 
 
-def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: float):
-    """Yield (index, Σ_samples z ⊙ seed·Hz) for the parameters with a Hessian path, one probe set at a time."""
+def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: float, apply_probe: bool = True):
+    """{index: Σ_samples z ⊙ seed·Hz} for the parameters with a Hessian path, one probe set at a time.
+
+    ``apply_probe=False`` (one sample only) leaves out the product by z: the terms are seed·Hz,
+    whose absolute value is the same.
+    """
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     terms: dict[int, torch.Tensor] = {}
     for sample in range(n_samples):
@@ -109,7 +113,9 @@ def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: f
             if hv is None:
                 continue
             # Hv is a fresh tensor that nothing else holds: z ⊙ Hv is made in it.
-            term = hv.to(estimate_dtype(hv)).mul_(zs[i])
+            term = hv.to(estimate_dtype(hv))
+            if apply_probe:
+                term.mul_(zs[i])
             terms[i] = term if i not in terms else terms[i].add_(term)
         del zs, hvs
     return terms
@@ -168,7 +174,8 @@ def accumulate_exact(
     if len(grads) != len(params):
         raise ValueError(f"accumulate got {len(grads)} grads for {len(params)} trainable parameters.")
     seed_gradient = 1.0 if hessian_scale is None else min(1.0, hessian_scale / scale)
-    terms = _exact_terms(grads, params, estimate.probes, estimate.n_samples, seed_gradient)
+    terms = _exact_terms(grads, params, estimate.probes, estimate.n_samples, seed_gradient,
+                         apply_probe=estimate.probe_applied)
     factor = 1.0 / (estimate.n_samples * scale * seed_gradient)
     with torch.no_grad():
         for i, term in terms.items():
