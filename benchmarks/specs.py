@@ -331,9 +331,10 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
         *(adahessian(10, lr, grid, block_size=32, hessian_warmup=warmup, stale_guard=True,
                      hessian_estimator="finite_difference", note=followed)
           for warmup in (0, 5)),
-        # ... and with a Hessian every 20 steps after the 15 dense ones: fewer Hessian steps for the time target.
-        adahessian(20, lr, grid, block_size=32, hessian_warmup=15, stale_guard=True,
-                   hessian_estimator="finite_difference", note=followed),
+        # ... and with a Hessian every 20 steps after 15 or 10 dense ones: fewer Hessian steps for the time target.
+        *(adahessian(20, lr, grid, block_size=32, hessian_warmup=warmup, stale_guard=True,
+                     hessian_estimator="finite_difference", note=followed)
+          for warmup in (15, 10)),
         torch_optimizer_adahessian(lr, grid),
         pytorch_optimizer_adahessian(lr, grid),
         sophiah(1, sophia_lr, sophia_grid),

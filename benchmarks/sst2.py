@@ -68,6 +68,13 @@ OPTIMIZERS = specs.registry(
     *(specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=warmup, stale_guard=True,
                        hessian_estimator="finite_difference", note="the recipe's lr")
       for warmup in (0, 5)),
+    # The whole-batch forward differences every 20 steps, after 15 or 10 dense ones, and the from-scratch
+    # recipe's schedule as it is (blocks of 32): one setting for both tasks at AdamW's price.
+    *(specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=warmup, stale_guard=True,
+                       hessian_estimator="finite_difference", note="the recipe's lr")
+      for warmup in (10, 15)),
+    specs.adahessian(20, 3e-2, HESSIAN_GRID, block_size=32, hessian_warmup=15, stale_guard=True,
+                     hessian_estimator="finite_difference", note="the recipe's lr"),
     # LoRA (r 8 on query and value, the head trained in full): the time and memory of a Hessian through a
     # frozen base. Adapters take larger steps than full fine-tuning; AdamW's 1e-3 is the usual LoRA value.
     specs.lora(specs.adamw(1e-4, ()), 1e-3, (3e-4, 1e-3, 3e-3), note="lr not searched: the usual LoRA value"),
