@@ -167,6 +167,9 @@ _REFERENCE_CASES = {
     "blocks_2d_3d_4d": (2, [({"block_size": 2, "weight_decay": 0.05}, [(3, 5), (2, 3, 5), (2, 2, 3, 3), (4,)])]),
     "blocks_conv_not_averaged": (1, [({"block_size": 2, "average_conv_kernel": False, "hessian_power": 0.5},
                                       [(2, 2, 3, 3), (2, 3, 5)])]),
+    # Blocks that tile the last dim: D reaches v as a broadcast of the block means.
+    "blocks_tiling_the_last_dim": (2, [({"block_size": 2}, [(3, 4), (2, 3, 6)]),
+                                       ({"block_size": 2, "average_conv_kernel": False}, [(2, 2, 3, 4)])]),
     "power_zero_is_momentum_sgd": (1, [({"hessian_power": 0.0, "lr": 0.02}, [(3, 5)])]),
     "two_groups_own_hyperparameters": (2, [
         ({"lr": 0.05, "weight_decay": 0.0}, [(3, 5), (4,)]),
