@@ -72,16 +72,19 @@ def hessian_diagonal_(signed_sum: torch.Tensor, block_size: int = 1, average_con
     tiled = (d.dim() >= 2 and 1 < block_size < width and width % block_size == 0
              and not (d.dim() == 4 and average_conv_kernel) and not is_dtensor(d))
     if not tiled:
-        d = block_average_(d, block_size, average_conv_kernel)
-        if d.dim() == 0:
-            return d, d.gt(0), d
-        row_sums = d.reshape(d.shape[0], -1).sum(dim=1)
-        return d, row_sums.gt(0), row_sums.sum()
+        # Rows first: averaging divides, and a lone subnormal entry must still count as observed.
+        row_sums = _row_sums(d)
+        return block_average_(d, block_size, average_conv_kernel), row_sums.gt(0), row_sums.sum()
     blocks = d.unflatten(-1, (width // block_size, block_size))
     block_sums = blocks.sum(dim=-1, keepdim=True)
-    row_sums = block_sums.reshape(d.shape[0], -1).sum(dim=1)
+    row_sums = _row_sums(block_sums)
     means = block_sums.div_(block_size)
     return means.expand(blocks.shape), row_sums.gt(0), row_sums.sum()
+
+
+def _row_sums(magnitude: torch.Tensor) -> torch.Tensor:
+    """Per row (slice along the first dim) the sum of a non-negative tensor; a 0-d tensor is its own row."""
+    return magnitude if magnitude.dim() == 0 else magnitude.reshape(magnitude.shape[0], -1).sum(dim=1)
 
 
 def observed_rows(magnitude: torch.Tensor) -> torch.Tensor:
@@ -96,9 +99,7 @@ def observed_rows(magnitude: torch.Tensor) -> torch.Tensor:
     tensor is one row.  A row holding NaN is "not observed", and the estimate it
     belongs to is not finite, so the optimizer skips it whole.
     """
-    if magnitude.dim() == 0:
-        return magnitude.gt(0)
-    return magnitude.reshape(magnitude.shape[0], -1).sum(dim=1).gt(0)
+    return _row_sums(magnitude).gt(0)
 
 
 class HessianEstimate:
@@ -130,9 +131,6 @@ class HessianEstimate:
         # Finite differences: (ε, loss scale, scheme) while the sums hold Σ g(θ + εz) (and,
         # central, − Σ g(θ − εz)); finish_() turns them into the difference quotient.
         self.difference: tuple[float, float, str] | None = None
-        # Whether the sums are z ⊙ Hz or Hz: with one probe |z ⊙ Hz| = |Hz| to the bit, and |·| is all
-        # that step() takes, so the product by z is made only where several probes are summed.
-        self.probe_applied = n_samples > 1
         self.micro_batches = 0
         self.reduced = False
         # Made on a step without a scheduled Hessian, for parameters no estimate has seen yet
@@ -158,6 +156,12 @@ class HessianEstimate:
         """Add a term (fresh, owned by the estimate from now on) to parameter ``index``'s sum."""
         acc = self.sums[index]
         self.sums[index] = term if acc is None else acc.add_(term)
+
+    @property
+    def probe_applied(self) -> bool:
+        """Whether the sums are z ⊙ Hz or Hz: with one probe |z ⊙ Hz| = |Hz| to the bit, and |·| is all
+        that step() takes, so the product by z is made only where several probes are summed."""
+        return self.n_samples > 1
 
     def terms(self) -> list[torch.Tensor]:
         """z ⊙ Hz per parameter (the sums as they stand, the probe applied where it is not yet): new tensors."""
