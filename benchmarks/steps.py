@@ -5,9 +5,10 @@ cut where the profiles need a timer or a ``torch.profiler`` range; every piece i
 library's, so a change to the trainer's path changes what is measured here:
 
 * ``hessian_pass.double_backward_ready(model)`` around the exact estimator's forward
-  and double backward (DDP no_sync, attention with a double backward, SDPA's math kernel);
-* ``optimizer.estimate()`` and ``est.accumulate(grads=...)``, with the gradient built
-  first by ``torch.autograd.grad(..., create_graph=True)`` so that the gradient-with-graph
+  and double backward (DDP no_sync, attention with a double backward, SDPA's math kernel),
+  with ``lookups.compact_lookups`` (embedding lookups through row leaves), as ``exact_pass`` has;
+* ``optimizer.estimate()`` and ``est.accumulate(grads=..., rows=..., row_grads=...)``, with the
+  gradient built first by ``estimators.gradients_with_graph`` so that the gradient-with-graph
   and the Hessian-vector product are timed apart (``est.accumulate(loss)`` does both);
 * for finite differences, ``estimators.fd_epsilon`` and the trainer's own
   ``hessian_pass.perturbed_pass`` (θ ± εz and back, the gradient folded in), the plain pass
@@ -28,8 +29,9 @@ from typing import Callable, ContextManager
 import torch
 from torch.profiler import record_function
 
-from hf_adahessian.estimators import fd_epsilon
+from hf_adahessian.estimators import fd_epsilon, gradients_with_graph
 from hf_adahessian.hessian_pass import chunk_sizes, double_backward_ready, mark, perturbed_pass, split_batch
+from hf_adahessian.lookups import compact_lookups
 
 Phase = Callable[[str], ContextManager]
 MAX_GRAD_NORM = 1.0  # the Trainer's default clipping
@@ -88,13 +90,14 @@ def backward_step(model, batch: dict, optimizer, params, phase: Phase = no_phase
 
 def _exact_pass(model, rows: dict, estimate, phase: Phase, add_grad: bool, forward: str = "forward"):
     """The exact estimator on ``rows``: forward, gradient with its graph, Hessian-vector product."""
-    with double_backward_ready(model):
+    with double_backward_ready(model), compact_lookups(model, estimate.params) as lookups:
         with phase(forward):
             loss = model(**rows).loss
         with phase("grad (graph)"):
-            grads = torch.autograd.grad(loss, estimate.params, create_graph=True, allow_unused=True)
+            leaves = lookups.take()
+            grads, row_grads = gradients_with_graph(loss, estimate.params, leaves)
         with phase("Hessian-vector"):
-            estimate.accumulate(grads=grads, add_grad=add_grad)
+            estimate.accumulate(grads=grads, rows=leaves, row_grads=row_grads, add_grad=add_grad)
     value = loss.detach()
     del loss, grads  # the double-backward graph is gone before the update
     return value
@@ -179,16 +182,18 @@ def chunked_hessian_step(model, batch: dict, optimizer, chunks: int, phase: Phas
     rows = batch["labels"].shape[0]
     parts = split_batch(batch, chunk_sizes(rows, chunks), count_labels)
     total = 0.0
-    for i, (part, share) in enumerate(parts):
-        with double_backward_ready(model):
-            with phase("forward"):
-                loss = model(**part).loss * share
-            with phase("grad (graph)"):
-                grads = torch.autograd.grad(loss, estimate.params, create_graph=True, allow_unused=True)
-            with phase("Hessian-vector"):
-                estimate.accumulate(grads=grads)
-        total += float(loss.detach())
-        del loss, grads
+    with estimate.probes.kept():  # as the trainer: one draw of the probes for all chunks
+        for part, share in parts:
+            with double_backward_ready(model), compact_lookups(model, estimate.params) as lookups:
+                with phase("forward"):
+                    loss = model(**part).loss * share
+                with phase("grad (graph)"):
+                    leaves = lookups.take()
+                    grads, row_grads = gradients_with_graph(loss, estimate.params, leaves)
+                with phase("Hessian-vector"):
+                    estimate.accumulate(grads=grads, rows=leaves, row_grads=row_grads)
+            total += float(loss.detach())
+            del loss, grads
     params = estimate.params
     del estimate
     finish_step(optimizer, params, phase)

@@ -23,6 +23,7 @@ import torch
 
 from .distributed import all_reduce_mean_
 from .estimators import accumulate_exact
+from .lookups import RowLeaf
 from .probes import Probes, estimate_dtype, is_dtensor
 
 __all__ = ["HessianEstimate", "block_average", "block_average_", "hessian_diagonal_", "observed_rows"]
@@ -138,15 +139,17 @@ class HessianEstimate:
         self.catch_up = False
 
     def accumulate(self, loss: torch.Tensor | None = None, *, grads: Sequence[torch.Tensor | None] | None = None,
+                   rows: Sequence[RowLeaf] = (), row_grads: Sequence[torch.Tensor | None] | None = None,
                    scale: float = 1.0, add_grad: bool = True) -> None:
         """Add one micro-batch with the exact estimator (double backward); see ``estimators.accumulate_exact``.
 
         ``loss`` as it would go to ``backward()``: divided for accumulation, times the
         AMP loss ``scale`` if there is one.  Adds the micro-batch's gradient to ``.grad``
-        unless ``add_grad=False``, and frees the graph before returning.
+        unless ``add_grad=False``, and frees the graph before returning.  ``rows``: the
+        forward's embedding lookups read through row leaves (``lookups.compact_lookups``).
         """
         self.loss_scale = max(self.loss_scale, scale)
-        accumulate_exact(self, loss, grads=grads, scale=scale, add_grad=add_grad,
+        accumulate_exact(self, loss, grads=grads, rows=rows, row_grads=row_grads, scale=scale, add_grad=add_grad,
                          hessian_scale=self.hessian_scale if scale > 1.0 else None)
 
     def probe(self, index: int, sample: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
@@ -156,6 +159,13 @@ class HessianEstimate:
         """Add a term (fresh, owned by the estimate from now on) to parameter ``index``'s sum."""
         acc = self.sums[index]
         self.sums[index] = term if acc is None else acc.add_(term)
+
+    def add_rows_(self, index: int, rows: torch.Tensor, term: torch.Tensor) -> None:
+        """Add a term for the given rows (a row leaf's) to parameter ``index``'s sum; other rows get nothing."""
+        acc = self.sums[index]
+        if acc is None:
+            acc = self.sums[index] = torch.zeros_like(self.params[index], dtype=term.dtype)
+        acc.index_add_(0, rows, term)
 
     @property
     def probe_applied(self) -> bool:

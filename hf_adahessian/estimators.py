@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from .lookups import RowLeaf
 from .probes import Probes, estimate_dtype, is_dtensor
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ __all__ = [
     "hessian_vector_products",
     "hutchinson_diagonal",
     "accumulate_exact",
+    "gradients_with_graph",
     "fd_epsilon",
     "perturbed",
     "add_perturbed_gradients",
@@ -95,30 +97,40 @@ NO_DOUBLE_BACKWARD_MESSAGE = (
 )
 
 
-def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: float, apply_probe: bool = True):
-    """{index: Σ_samples z ⊙ seed·Hz} for the parameters with a Hessian path, one probe set at a time.
+def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: float, apply_probe: bool = True,
+                 rows: Sequence[RowLeaf] = (), row_grads: Sequence[torch.Tensor | None] = ()):
+    """Σ_samples z ⊙ seed·Hz, one probe set at a time: {index: term} for the parameters with a Hessian
+    path, and {k: term} for the row leaves ``rows[k]`` of embedding lookups (their rows of the probe).
 
     ``apply_probe=False`` (one sample only) leaves out the product by z: the terms are seed·Hz,
     whose absolute value is the same.
     """
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    live_rows = [k for k, g in enumerate(row_grads) if g is not None and g.requires_grad]
     terms: dict[int, torch.Tensor] = {}
+    row_terms: dict[int, torch.Tensor] = {}
     for sample in range(n_samples):
-        if not live:
+        if not live and not live_rows:
             break
         zs = {i: probes.draw(i, params[i], sample) for i in live}
-        hvs = hessian_vector_products([grads[i] for i in live], [params[i] for i in live], [zs[i] for i in live],
+        row_zs = [zs[r.param].index_select(0, r.index) if r.param in zs
+                  else probes.draw_rows(r.param, params[r.param], r.index, sample)
+                  for r in (rows[k] for k in live_rows)]
+        hvs = hessian_vector_products([grads[i] for i in live] + [row_grads[k] for k in live_rows],
+                                      [params[i] for i in live] + [rows[k].leaf for k in live_rows],
+                                      [zs[i] for i in live] + row_zs,
                                       retain_graph=sample < n_samples - 1, seed_gradient=seed_gradient)
-        for i, hv in zip(live, hvs):
+        targets = [(terms, i, zs[i]) for i in live] + [(row_terms, k, z) for k, z in zip(live_rows, row_zs)]
+        for (out, key, z), hv in zip(targets, hvs):
             if hv is None:
                 continue
             # Hv is a fresh tensor that nothing else holds: z ⊙ Hv is made in it.
             term = hv.to(estimate_dtype(hv))
             if apply_probe:
-                term.mul_(zs[i])
-            terms[i] = term if i not in terms else terms[i].add_(term)
-        del zs, hvs
-    return terms
+                term.mul_(z)
+            out[key] = term if key not in out else out[key].add_(term)
+        del zs, row_zs, hvs
+    return terms, row_terms
 
 
 def hutchinson_diagonal(
@@ -133,7 +145,7 @@ def hutchinson_diagonal(
     The functional form, usable without the optimizer.  A parameter without a
     Hessian path (no gradient, or a gradient without a graph) gets zeros.
     """
-    terms = _exact_terms(grads, params, probes, n_samples, 1.0)
+    terms, _ = _exact_terms(grads, params, probes, n_samples, 1.0)
     out = []
     for i, p in enumerate(params):
         t = terms.get(i)
@@ -145,11 +157,22 @@ def hutchinson_diagonal(
     return out
 
 
+def gradients_with_graph(loss: torch.Tensor, params: Sequence[torch.Tensor], rows: Sequence[RowLeaf] = ()
+                         ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """The gradient with its graph (``create_graph=True``) for each parameter and each row leaf."""
+    if not params:
+        raise ValueError(NO_PARAMETERS_MESSAGE)
+    out = torch.autograd.grad(loss, list(params) + [r.leaf for r in rows], create_graph=True, allow_unused=True)
+    return list(out[:len(params)]), list(out[len(params):])
+
+
 def accumulate_exact(
     estimate: HessianEstimate,
     loss: torch.Tensor | None = None,
     *,
     grads: Sequence[torch.Tensor | None] | None = None,
+    rows: Sequence[RowLeaf] = (),
+    row_grads: Sequence[torch.Tensor | None] | None = None,
     scale: float = 1.0,
     hessian_scale: float | None = None,
     add_grad: bool = True,
@@ -158,28 +181,31 @@ def accumulate_exact(
 
     ``loss`` is the micro-batch loss exactly as it would go to ``backward()``
     (already divided for accumulation, already multiplied by an AMP loss scale
-    ``scale``); or pass ``grads`` made with ``create_graph=True``.  The estimate is
-    stored unscaled; ``.grad`` stays scaled for the GradScaler.  ``hessian_scale``
-    (≤ ``scale``) is the scale the second backward runs at.  The double-backward
-    graph is released before this returns.
+    ``scale``); or pass ``grads`` made with ``create_graph=True``.  ``rows`` are the
+    row leaves of the forward's embedding lookups (``lookups.compact_lookups``); with
+    ``grads``, ``row_grads`` are theirs.  The estimate is stored unscaled; ``.grad``
+    stays scaled for the GradScaler.  ``hessian_scale`` (≤ ``scale``) is the scale the
+    second backward runs at.  The double-backward graph is released before this returns.
     """
     params = estimate.params
     if grads is None:
         if loss is None:
             raise ValueError("accumulate needs either a loss or grads.")
-        if not params:
-            raise ValueError(NO_PARAMETERS_MESSAGE)
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    grads = list(grads)
+        grads, row_grads = gradients_with_graph(loss, params, rows)
+    elif rows and row_grads is None:
+        raise ValueError("accumulate with grads and rows needs row_grads, the row leaves' gradients.")
+    grads, row_grads = list(grads), list(row_grads or ())
     if len(grads) != len(params):
         raise ValueError(f"accumulate got {len(grads)} grads for {len(params)} trainable parameters.")
     seed_gradient = 1.0 if hessian_scale is None else min(1.0, hessian_scale / scale)
-    terms = _exact_terms(grads, params, estimate.probes, estimate.n_samples, seed_gradient,
-                         apply_probe=estimate.probe_applied)
+    terms, row_terms = _exact_terms(grads, params, estimate.probes, estimate.n_samples, seed_gradient,
+                                    apply_probe=estimate.probe_applied, rows=rows, row_grads=row_grads)
     factor = 1.0 / (estimate.n_samples * scale * seed_gradient)
     with torch.no_grad():
         for i, term in terms.items():
             estimate.add_(i, term.mul_(factor) if factor != 1.0 else term)
+        for k, term in row_terms.items():
+            estimate.add_rows_(rows[k].param, rows[k].index, term.mul_(factor) if factor != 1.0 else term)
         if add_grad:
             estimate.made_gradients = True
             for p, g in zip(params, grads):
@@ -190,6 +216,13 @@ def accumulate_exact(
                     p.grad = g
                 else:
                     p.grad.add_(g)
+            for r, g in zip(rows, row_grads):
+                if g is None:
+                    continue
+                p = params[r.param]
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.index_add_(0, r.index, g.detach())
     estimate.micro_batches += 1
 
 

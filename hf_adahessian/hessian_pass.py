@@ -6,6 +6,7 @@ measured is what the trainer runs:
 * :func:`double_backward_ready` — the exact estimator's forward: outside DDP's
   reducer (it cannot see ``autograd.grad``), with an attention implementation that
   has a double backward (SDPA's math kernel; flex attention swapped for SDPA);
+  :func:`exact_pass` adds embedding lookups through row leaves and the capture;
 * :func:`capture_backward` / :func:`mark` — the seam onto accelerate: a marked
   loss reaches ``Accelerator.backward`` as any loss does, accelerate divides it for
   accumulation and multiplies it by the loss scale as it always does, and when it
@@ -33,10 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from .distributed import world_size
 from .estimate import HessianEstimate
 from .estimators import add_perturbed_gradients, fd_epsilon, perturbed, rng_devices
+from .lookups import compact_lookups
 
 __all__ = [
     "double_backward_ready",
     "double_backward_active",
+    "exact_pass",
     "no_sync",
     "fsdp_gradient_sync",
     "fsdp_resharded",
@@ -314,19 +317,27 @@ def catch_up(*, model, inputs, num_items_in_batch, estimate: HessianEstimate, st
             with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator):
                 stock_step(model, inputs, num_items_in_batch)
     else:
-        with torch.random.fork_rng(devices=rng_devices(estimate.params)), double_backward_ready(model), \
-                capture_backward(_exact_sink(estimate, accelerator, add_grad=False)):
+        with torch.random.fork_rng(devices=rng_devices(estimate.params)), \
+                exact_pass(model, estimate, accelerator, add_grad=False):
             stock_step(model, inputs, num_items_in_batch)
     if world_size() > 1:
         estimate.all_reduce_()
     estimate.finish_()
 
 
-def _exact_sink(estimate: HessianEstimate, accelerator, weight: float = 1.0, add_grad: bool = True):
-    def sink(loss: torch.Tensor) -> None:
-        estimate.accumulate(loss * weight if weight != 1.0 else loss, scale=amp_scale(accelerator),
-                            add_grad=add_grad)
-    return sink
+@contextlib.contextmanager
+def exact_pass(model: torch.nn.Module, estimate: HessianEstimate, accelerator=None, *, weight: float = 1.0,
+               add_grad: bool = True):
+    """The exact estimator's pass, for the duration: a forward with a double backward, its embedding
+    lookups through row leaves, and the backward of a marked loss (times ``weight``) folded into the
+    estimate at ``accelerator``'s loss scale, with its gradient into ``.grad`` unless ``add_grad=False``."""
+    with double_backward_ready(model), compact_lookups(model, estimate.params) as lookups:
+        def sink(loss: torch.Tensor) -> None:
+            estimate.accumulate(loss * weight if weight != 1.0 else loss, rows=lookups.take(),
+                                scale=amp_scale(accelerator), add_grad=add_grad)
+
+        with capture_backward(sink):
+            yield
 
 
 def _exact(model, inputs, num_items, estimate, stock_step, accelerator, chunks, count_items):
@@ -336,15 +347,16 @@ def _exact(model, inputs, num_items, estimate, stock_step, accelerator, chunks, 
     items sum to the whole micro-batch's estimate and gradient.
     """
     if chunks <= 1:
-        with double_backward_ready(model), capture_backward(_exact_sink(estimate, accelerator)):
+        with exact_pass(model, estimate, accelerator):
             return plain(stock_step(model, inputs, num_items))
     parts = split_batch(inputs, chunk_sizes(_batch_size(inputs), chunks), count_items)
     total = None
-    for part, share in parts:
-        items = None if num_items is None else num_items * share
-        with double_backward_ready(model), capture_backward(_exact_sink(estimate, accelerator, weight=share)):
-            loss = plain(stock_step(model, part, items)) * share
-        total = loss if total is None else total + loss
+    with estimate.probes.kept():  # the same probes for every chunk: drawn once
+        for part, share in parts:
+            items = None if num_items is None else num_items * share
+            with exact_pass(model, estimate, accelerator, weight=share):
+                loss = plain(stock_step(model, part, items)) * share
+            total = loss if total is None else total + loss
     return total
 
 
@@ -382,7 +394,7 @@ def _exact_sub_batch(model, inputs, num_items, estimate, stock_step, accelerator
     """
     head, head_items = _head(inputs, num_items, fraction, count_items)
     # Hessian first: its graph is gone before the full batch's gradient exists.
-    with double_backward_ready(model), capture_backward(_exact_sink(estimate, accelerator, add_grad=False)):
+    with exact_pass(model, estimate, accelerator, add_grad=False):
         stock_step(model, head, head_items)
     return plain(stock_step(model, inputs, num_items))
 

@@ -8,6 +8,8 @@ optimizers does not change dropout masks or data order.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 
 import torch
@@ -87,6 +89,17 @@ class Probes:
     def __init__(self, seed: int, step: int = 0):
         self.seed, self.step = int(seed), int(step)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._kept: dict[tuple[int, int], torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def kept(self):
+        """Inside, each int8 probe is drawn once and kept (an int8 copy of the parameters at most):
+        the chunks of a micro-batch share their probes instead of drawing them again each."""
+        self._kept = {}
+        try:
+            yield
+        finally:
+            self._kept = None
 
     def _generator(self, index: int, device: torch.device, sample: int) -> torch.Generator:
         generator = self._generators.get(device)
@@ -95,6 +108,15 @@ class Probes:
         return generator.manual_seed(_mix(self.seed, self.step, index, sample))
 
     def draw(self, index: int, like: torch.Tensor, sample: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+        keep = self._kept is not None and dtype == torch.int8 and not is_dtensor(like)
+        if keep and (index, sample) in self._kept:
+            return self._kept[index, sample]
+        z = self._draw(index, like, sample, dtype)
+        if keep:
+            self._kept[index, sample] = z
+        return z
+
+    def _draw(self, index: int, like: torch.Tensor, sample: int, dtype: torch.dtype) -> torch.Tensor:
         generator = self._generator(index, like.device, sample)
         if is_dtensor(like):
             # A shard of a sharded parameter (FSDP2) takes its slice of the probe one process would
@@ -104,6 +126,16 @@ class Probes:
             whole = rademacher_like(torch.empty(like.shape, device=like.to_local().device), generator, dtype)
             return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
         return rademacher_like(like, generator, dtype)
+
+    def draw_rows(self, index: int, like: torch.Tensor, rows: torch.Tensor, sample: int = 0) -> torch.Tensor:
+        """``draw(index, like, sample)[rows]`` (int8), without the whole probe where each row is whole bytes."""
+        width = like[0].numel() if like.dim() else 0
+        if is_dtensor(like) or width % 8:
+            return self.draw(index, like, sample).index_select(0, rows)
+        random_bytes = _random_bytes(like.numel() // 8, self._generator(index, like.device, sample), like.device)
+        table = _sign_table(like.device, torch.int8).view(torch.int64).view(-1)
+        picked = random_bytes.view(like.shape[0], width // 8).index_select(0, rows)
+        return table[picked.long()].view(torch.int8).view(len(rows), *like.shape[1:])
 
     def add_to_(self, index: int, t: torch.Tensor, alpha: float, sample: int = 0) -> torch.Tensor:
         """``t += alpha·z`` for parameter ``index``'s probe, as ``t.add_(draw(index, t, sample), alpha=alpha)``."""

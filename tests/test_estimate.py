@@ -167,6 +167,24 @@ def test_adding_a_probe_in_place_equals_adding_the_drawn_probe(numel, dtype):
     assert torch.equal(Probes(3, 9).add_to_(2, theta, 1.234e-3), expected)
 
 
+@pytest.mark.parametrize("shape", [(50, 16), (50, 6), (40, 8, 2), (30,)])  # whole-byte rows, ragged, 3-D, 1-D
+def test_drawing_some_rows_of_a_probe_gives_those_rows_of_the_whole_probe(shape):
+    t = torch.empty(shape)
+    rows = torch.tensor([0, 3, 7, 29])
+    assert torch.equal(Probes(3, 5).draw_rows(2, t, rows, 1), Probes(3, 5).draw(2, t, 1)[rows])
+
+
+def test_kept_probes_are_drawn_once_and_are_the_probes_drawn_without_keeping():
+    t = torch.empty(6, 8)
+    probes = Probes(4, 2)
+    with probes.kept():
+        first = probes.draw(1, t)
+        assert probes.draw(1, t) is first
+        assert probes.draw(1, t, sample=1) is not first
+    assert torch.equal(first, Probes(4, 2).draw(1, t))
+    assert probes.draw(1, t) is not first  # nothing kept after the context
+
+
 def test_estimation_never_touches_the_global_rng():
     """Probes come from the estimator's own generator: dropout masks and data order do not move."""
     h = _random_spd(6, seed=1)
