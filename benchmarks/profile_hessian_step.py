@@ -24,6 +24,10 @@ The finite-difference estimator (``hessian_estimator=finite_difference``), as th
     difference       est.finish_(): Hz ≈ (g(θ+εz) − g(θ)) / ε
     clip, update, zero_grad
 
+Beside the exact estimate in 4 chunks, the work each chunk repeats over the parameters outside
+embeddings, alone (``steps.chunk_parameter_passes``: the probes' float copy, a fresh gradient and
+Hz, their sums): the floor of a chunk's cost beyond its share of the double backward.
+
 In the same process and interleaved round by round (so that another process on the cores
 slows all of them alike), the same batch through an AdamW step, an AdaHessian step without a
 Hessian (the steps between two estimates when hessian_interval > 1) and, with ``--peers``, the
@@ -46,6 +50,7 @@ from .report import fmt, markdown_table, provenance, write_report
 from .steps import (
     PhaseTimer,
     backward_step,
+    chunk_parameter_passes,
     chunked_hessian_step,
     exact_hessian_step,
     fd_sub_batch_hessian_step,
@@ -82,6 +87,8 @@ def step_kinds(batch: dict, estimators: list[str], fd_scheme: str, peers: bool) 
         if estimator == "exact":
             kinds[f"{HESSIAN_STEP[estimator]} in {CHUNKS} chunks"] = (
                 lambda phase, m=m, opt=opt: chunked_hessian_step(m, batch, opt, CHUNKS, phase))
+            passes, count = chunk_parameter_passes(m)
+            kinds[f"one chunk's parameter passes ({count / 1e6:.1f}M parameters outside embeddings)"] = passes
         else:
             kinds[f"{HESSIAN_STEP[estimator]}, 1/16 of the batch"] = (
                 lambda phase, m=m, opt=opt: fd_sub_batch_hessian_step(m, batch, opt, 1 / 16, phase))

@@ -200,6 +200,36 @@ def chunked_hessian_step(model, batch: dict, optimizer, chunks: int, phase: Phas
     return total
 
 
+def chunk_parameter_passes(model, seed: int = 0):
+    """A step function: the work every chunk of ``hessian_chunks`` repeats over the parameters, alone.
+
+    The parameters are those outside embeddings (whose lookups read row leaves); per call: their
+    kept int8 probes' float copy (the second backward's cotangent), a fresh gradient and a fresh Hz
+    (filled, standing in for the backwards that make them), Hz added to the sums, the gradient to
+    ``.grad``.  The floor of what a chunk costs beyond its share of the double backward.
+    """
+    from hf_adahessian.probes import Probes
+
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in lookups]
+    probes = [Probes(seed, 1).draw(i, p) for i, p in enumerate(params)]
+    sums = [torch.zeros_like(p) for p in params]
+    grads = [torch.zeros_like(p) for p in params]
+
+    def step(phase: Phase = no_phase):
+        with phase("probes' float copy"):
+            cotangents = [z.to(p.dtype) for z, p in zip(probes, params)]
+        with phase("fresh gradient and Hz"):
+            g = [torch.empty_like(p).fill_(1.0) for p in params]
+            hz = [torch.empty_like(p).fill_(1.0) for p in params]
+        with phase("Hz into the sums, gradient into .grad"):
+            for acc, term in zip(sums + grads, hz + g):
+                acc.add_(term)
+        del cotangents, g, hz
+
+    return step, sum(p.numel() for p in params)
+
+
 def fd_sub_batch_hessian_step(model, batch: dict, optimizer, fraction: float, phase: Phase = no_phase):
     """``hessian_batch_fraction`` with finite differences: central differences on the head of the
     batch (``hessian_pass.perturbed_pass`` at θ ± εz), then the ordinary gradient on all of it."""
