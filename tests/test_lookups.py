@@ -169,3 +169,25 @@ def test_hooks_are_gone_after_the_context(make_bert):
     assert lookups.take() == []
     assert not model.bert.embeddings.word_embeddings._forward_hooks
     assert not model.bert.embeddings.word_embeddings._forward_pre_hooks
+
+
+def test_the_trainers_exact_pass_reads_lookups_through_row_leaves(make_bert):
+    """``hessian_pass.exact_pass`` (what the trainer's exact micro-batches run in): a marked loss's
+    backward gives the dense lookup's estimate and gradient, and makes only the step's two
+    vocabulary-sized tensors."""
+    from hf_adahessian.hessian_pass import exact_pass, mark
+
+    vocab = 4096
+    dense = make_bert(vocab_size=vocab, seed=4)
+    expected = _estimate_and_grads(dense, [_batch(0)], compact=False)
+    model = make_bert(vocab_size=vocab, seed=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    est = AdaHessian(params, lr=1e-3, seed=3).estimate()
+    counter = _Shapes((vocab, model.config.hidden_size))
+    with exact_pass(model, est):
+        loss = model(**_batch(0)).loss
+        with counter:
+            mark(loss).backward()
+    assert counter.count == 2
+    _assert_same(expected[0], [s.clone() for s in est.filled()])
+    _assert_same(expected[1], [p.grad for p in params])
