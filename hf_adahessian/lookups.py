@@ -13,6 +13,8 @@ the estimate and the gradient are the ones the dense lookup gives.
 
 A weight that is also used another way (an LM head tied to the embedding) gets
 both: its direct gradient through the weight, and its lookups' through the rows.
+Finding the rows (``torch.unique``) waits for a CUDA device once per lookup; it
+runs on the exact estimator's pass only, never on a plain step.
 """
 
 from __future__ import annotations
