@@ -152,6 +152,8 @@ def top_operators(fn, steps: int, top: int) -> dict:
            for k in keys if k not in phases]
     return {"phase_cpu_ms": {k: median_of(k, 1) for k in phases if k in keys},
             "total_self_cpu_ms": sum(o["self_cpu_ms"] for o in ops) or 1.0,
+            # Every operator call, nested ones included: the fixed cost of a step grows with it.
+            "operator_calls": sum(o["calls"] for o in ops),
             "step_timers": timers, "top_ops": sorted(ops, key=lambda o: o["self_cpu_ms"], reverse=True)[:top]}
 
 
@@ -173,7 +175,10 @@ def main() -> None:
     out = output_dir(args, "sst2", "profile")
     kinds, n_params = step_kinds(batch, args.estimators, args.fd_scheme, args.peers)
     summary, rounds, measure_s = measure(kinds, warmup, repeats)
-    profiles = {e: top_operators(kinds[HESSIAN_STEP[e]], profile_steps, args.top) for e in args.estimators}
+    profiled = {e: HESSIAN_STEP[e] for e in args.estimators}
+    if "exact" in args.estimators:
+        profiled[f"exact in {CHUNKS} chunks"] = f"{HESSIAN_STEP['exact']} in {CHUNKS} chunks"
+    profiles = {name: top_operators(kinds[kind], profile_steps, args.top) for name, kind in profiled.items()}
 
     adam_total = summary["adamw step"]["total"]["median_s"]
     rows = [[kind, phase, fmt(s["median_s"]), fmt(s["min_s"]), fmt(s["first_round_s"]), fmt(s["median_s"] / adam_total, ".2f")]
@@ -182,6 +187,9 @@ def main() -> None:
     totals = {kind: phases["total"]["median_s"] for kind, phases in summary.items()}
     ratio_lines = [f"{kind} / AdamW step: {totals[kind] / adam_total:.2f}×" for kind in totals if kind != "adamw step"]
     ours = totals.get(HESSIAN_STEP["exact"])
+    chunked = totals.get(f"{HESSIAN_STEP['exact']} in {CHUNKS} chunks")
+    if ours and chunked:
+        ratio_lines.append(f"exact in {CHUNKS} chunks / exact: {chunked / ours:.3f}×")
     if ours:
         ratio_lines += [f"{s.name} Hessian step / ours (exact): {totals[f'{s.name} Hessian step'] / ours:.3f}×"
                         for s in PEERS if f"{s.name} Hessian step" in totals]
@@ -192,7 +200,8 @@ def main() -> None:
             [[t["op"], fmt(t["self_cpu_ms"], ".1f"), fmt(t["self_cpu_ms"] / prof["total_self_cpu_ms"], ".1%"),
               fmt(t["calls"], ".0f")] for t in prof["top_ops"]])
         sections.append(f"### {estimator}: top {args.top} operators by self CPU time (torch.profiler, median of "
-                        f"{profile_steps} Hessian steps; the profiler slows each operator a little)\n\n{op_table}\n")
+                        f"{profile_steps} Hessian steps; the profiler slows each operator a little)\n\n"
+                        f"{prof['operator_calls']:.0f} operator calls per step, nested ones included\n\n{op_table}\n")
     text = (f"## One AdaHessian Hessian step, MiniLM ({n_params / 1e6:.1f}M parameters), batch {BATCH_SIZE}, length "
             f"{MAX_LENGTH}, {args.threads} threads\n\nmedians over {repeats} interleaved rounds after {warmup} warm-up "
             f"rounds; AdaHessian {ADAHESSIAN}, finite differences {args.fd_scheme}\n\n{table}\n\n"
