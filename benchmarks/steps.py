@@ -88,11 +88,14 @@ def backward_step(model, batch: dict, optimizer, params, phase: Phase = no_phase
     return loss
 
 
-def _exact_pass(model, rows: dict, estimate, phase: Phase, add_grad: bool, forward: str = "forward"):
-    """The exact estimator on ``rows``: forward, gradient with its graph, Hessian-vector product."""
+def _exact_pass(model, rows: dict, estimate, phase: Phase, add_grad: bool, forward: str = "forward",
+                weight: float = 1.0):
+    """The exact estimator on ``rows``: forward (its loss times ``weight``), gradient with its graph,
+    Hessian-vector product."""
     with double_backward_ready(model), compact_lookups(model, estimate.params) as lookups:
         with phase(forward):
             loss = model(**rows).loss
+            loss = loss * weight if weight != 1.0 else loss
         with phase("grad (graph)"):
             leaves = lookups.take()
             grads, row_grads = gradients_with_graph(loss, estimate.params, leaves)
@@ -181,19 +184,9 @@ def chunked_hessian_step(model, batch: dict, optimizer, chunks: int, phase: Phas
     estimate = optimizer.estimate()
     rows = batch["labels"].shape[0]
     parts = split_batch(batch, chunk_sizes(rows, chunks), count_labels)
-    total = 0.0
     with estimate.probes.kept():  # as the trainer: one draw of the probes for all chunks
-        for part, share in parts:
-            with double_backward_ready(model), compact_lookups(model, estimate.params) as lookups:
-                with phase("forward"):
-                    loss = model(**part).loss * share
-                with phase("grad (graph)"):
-                    leaves = lookups.take()
-                    grads, row_grads = gradients_with_graph(loss, estimate.params, leaves)
-                with phase("Hessian-vector"):
-                    estimate.accumulate(grads=grads, rows=leaves, row_grads=row_grads)
-            total += float(loss.detach())
-            del loss, grads
+        total = sum(float(_exact_pass(model, part, estimate, phase, add_grad=True, weight=share))
+                    for part, share in parts)
     params = estimate.params
     del estimate
     finish_step(optimizer, params, phase)

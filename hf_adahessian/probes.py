@@ -9,7 +9,6 @@ optimizers does not change dropout masks or data order.
 from __future__ import annotations
 
 import contextlib
-
 import functools
 
 import torch
@@ -53,14 +52,17 @@ def rademacher_like(t: torch.Tensor, generator: torch.Generator, dtype: torch.dt
     # Eight probes per random byte, looked up in one gather: one draw per element is what
     # made the probes a visible share of a Hessian step (3× slower for a model's worth).
     n = t.numel()
-    random_bytes = _random_bytes((n + 7) // 8, generator, t.device)
-    dtype = dtype or t.dtype
-    table = _sign_table(t.device, dtype)
+    z = _signs(_random_bytes((n + 7) // 8, generator, t.device), dtype or t.dtype)
+    return z.view(-1)[:n].view(t.shape)
+
+
+def _signs(random_bytes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The eight probes each random byte encodes, in ``dtype``: eight entries per byte, in byte order."""
+    table = _sign_table(random_bytes.device, dtype)
     if dtype.itemsize == 1:
         # A byte's eight one-byte probes are one int64: a gather of words, not of rows.
-        table = table.view(torch.int64).view(-1)
-    z = table[random_bytes.long()].view(dtype)
-    return z.view(-1)[:n].view(t.shape)
+        return table.view(torch.int64).view(-1)[random_bytes.long()].view(dtype)
+    return table[random_bytes.long()]
 
 
 def add_rademacher_(t: torch.Tensor, generator: torch.Generator, alpha: float) -> torch.Tensor:
@@ -133,9 +135,8 @@ class Probes:
         if is_dtensor(like) or width % 8:
             return self.draw(index, like, sample).index_select(0, rows)
         random_bytes = _random_bytes(like.numel() // 8, self._generator(index, like.device, sample), like.device)
-        table = _sign_table(like.device, torch.int8).view(torch.int64).view(-1)
         picked = random_bytes.view(like.shape[0], width // 8).index_select(0, rows)
-        return table[picked.long()].view(torch.int8).view(len(rows), *like.shape[1:])
+        return _signs(picked, torch.int8).view(len(rows), *like.shape[1:])
 
     def add_to_(self, index: int, t: torch.Tensor, alpha: float, sample: int = 0) -> torch.Tensor:
         """``t += alpha·z`` for parameter ``index``'s probe, as ``t.add_(draw(index, t, sample), alpha=alpha)``."""
