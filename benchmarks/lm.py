@@ -51,6 +51,7 @@ BUDGETS = Budgets(
 def main() -> None:
     start = comparison.setup(MODULE, __doc__, OPTIMIZERS, DEFAULT, BUDGETS, NAME, data_name=DATA)
     data = start.data
+    batch = start.args.batch_size or BATCH_SIZE
     # The vocabulary is trained on the English side of the whole training split, whatever the slice.
     model, build_cmd, build_s = build_model(start.out_dir, start.env, "gpt2", start.folder / "train.jsonl",
                                             "--text_columns", "translation.en")
@@ -61,12 +62,12 @@ def main() -> None:
             "--model_name_or_path", arg_path(model), "--text_column", "translation.en",
             "--train_file", arg_path(data.train), "--validation_file", arg_path(data.validation),
             "--do_train", "--do_eval", "--block_size", str(BLOCK_SIZE),
-            "--per_device_train_batch_size", str(BATCH_SIZE), "--per_device_eval_batch_size", "64",
+            "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "64",
         ),
     )
     comparison.run_comparison(
         experiment, start, MODULE,
-        extra_meta={"model_build_command": build_cmd, "model_build_s": build_s, "batch_size": BATCH_SIZE,
+        extra_meta={"model_build_command": build_cmd, "model_build_s": build_s, "batch_size": batch,
                     "block_size": BLOCK_SIZE, "text_column": "translation.en"},
     )
 

@@ -23,6 +23,7 @@ from .specs import Budget, Budgets, Experiment, Metric
 MODULE = "benchmarks.multi30k"  # how it is run: python -m MODULE
 NAME = "multi30k"
 METRIC = Metric("eval_bleu", "BLEU", higher_is_better=True, format=".2f")
+BATCH_SIZE = 32
 HESSIAN_GRID = (0.01, 0.03, 0.1, 0.15, 0.3)
 SOPHIA_GRID = (0.01, 0.03, 0.06, 0.1)
 # Learning rates: the comparison's (from the short search in BENCHMARKS.md) and each optimizer's grid.
@@ -41,6 +42,7 @@ BUDGETS = Budgets(
 def main() -> None:
     start = comparison.setup(MODULE, __doc__, OPTIMIZERS, DEFAULT, BUDGETS, NAME)
     data = start.data
+    batch = start.args.batch_size or BATCH_SIZE
     # The vocabulary is trained on the whole training split, whatever the slice.
     model, build_cmd, build_s = build_model(start.out_dir, start.env, "marian", start.folder / "train.jsonl")
     experiment = Experiment(
@@ -51,12 +53,12 @@ def main() -> None:
             "--train_file", arg_path(data.train), "--validation_file", arg_path(data.validation),
             "--do_train", "--do_eval", "--predict_with_generate",
             "--max_source_length", "64", "--max_target_length", "64", "--generation_max_length", "64",
-            "--num_beams", "1", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
+            "--num_beams", "1", "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "64",
         ),
     )
     comparison.run_comparison(
         experiment, start, MODULE,
-        extra_meta={"model_build_command": build_cmd, "model_build_s": build_s, "batch_size": 32,
+        extra_meta={"model_build_command": build_cmd, "model_build_s": build_s, "batch_size": batch,
                     "max_length": 64, "decoding": "greedy"},
     )
 

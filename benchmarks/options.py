@@ -41,6 +41,8 @@ def comparison_parser(module: str, description: str, optimizers: list[str],
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
                    help="override one optimizer's learning rate (repeatable)")
     p.add_argument("--max_steps", type=int, help="optimizer steps per run (overrides the mode's budget)")
+    p.add_argument("--batch_size", type=positive_int,
+                   help="training examples per step (--per_device_train_batch_size; default: the benchmark's own)")
     p.add_argument("--max_train_samples", type=int, help="training examples (overrides the mode's slice)")
     p.add_argument("--max_eval_samples", type=int, help="validation examples (overrides the mode's slice)")
     p.add_argument("--warmup_skip", type=int, help="steps left out of the timing statistics (default: by mode)")
@@ -60,6 +62,16 @@ def profile_parser(module: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--fd_scheme", choices=("forward", "central"), default="forward",
                    help="the finite-difference estimator's scheme (default: %(default)s)")
     return p
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def parse_ints(text: str) -> list[int]:

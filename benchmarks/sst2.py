@@ -9,7 +9,7 @@
 Trainer optimizers (``adamw_torch``, ``adahessian_h*``) train through ``run_glue.py``; the
 peers train in a plain PyTorch loop fed by the same Trainer dataloader (same tokenization,
 same order), with the same linear schedule, warm-up and clipping (see ``plain_loop.py``).
-Every run: task sst2, ``--max_seq_length 64`` (padded), batch 16, ``--seed`` = ``--data_seed``.
+Every run: task sst2, ``--max_seq_length 64`` (padded), batch 16 (``--batch_size``), ``--seed`` = ``--data_seed``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .specs import Budget, Budgets, Experiment, Metric
 MODULE = "benchmarks.sst2"  # how it is run: python -m MODULE
 NAME = "sst2"
 METRIC = Metric("eval_accuracy", "accuracy", higher_is_better=True, format=".4f")
+BATCH_SIZE = 16
 
 # Learning rates: the comparison's (each the best of its grid in the short search, BENCHMARKS.md).
 # The AdaHessian rows use the fine-tuning recipe that search found: hessian_power 1, no block
@@ -104,18 +105,19 @@ def main() -> None:
     start = comparison.setup(MODULE, __doc__, OPTIMIZERS, DEFAULT, BUDGETS, NAME)
     data = start.data
     model = minilm_folder()
+    batch = start.args.batch_size or BATCH_SIZE
     experiment = Experiment(
         name=NAME, title="MiniLM on SST-2", script="run_glue.py", metric=METRIC, budgets=BUDGETS,
         script_args=(
             "--model_name_or_path", model, "--task_name", "sst2",
             "--train_file", arg_path(data.train), "--validation_file", arg_path(data.validation),
             "--do_train", "--do_eval",
-            "--max_seq_length", "64", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
+            "--max_seq_length", "64", "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "64",
         ),
     )
     comparison.run_comparison(
         experiment, start, MODULE,
-        extra_meta={"model": model, "batch_size": 16, "max_seq_length": 64},
+        extra_meta={"model": model, "batch_size": batch, "max_seq_length": 64},
     )
 
 
