@@ -77,6 +77,10 @@ OPTIMIZERS = specs.registry(
       for warmup in (10, 15)),
     specs.adahessian(20, 3e-2, HESSIAN_GRID, block_size=32, hessian_warmup=15, stale_guard=True,
                      hessian_estimator="finite_difference", note="the recipe's lr"),
+    # More probes on the lazy Hessian steps, whose cost the interval amortises (the exact estimator:
+    # forward differences take one probe), against the same schedule with one.
+    *(specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, n_samples=n,
+                       note="the recipe's lr") for n in (1, 4)),
     # LoRA (r 8 on query and value, the head trained in full): the time and memory of a Hessian through a
     # frozen base. Adapters take larger steps than full fine-tuning; AdamW's 1e-3 is the usual LoRA value.
     specs.lora(specs.adamw(1e-4, ()), 1e-3, (3e-4, 1e-3, 3e-3), note="lr not searched: the usual LoRA value"),
