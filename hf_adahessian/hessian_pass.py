@@ -50,6 +50,7 @@ __all__ = [
     "split_batch",
     "micro_batch",
     "perturbed_pass",
+    "running_stats_kept",
     "catch_up",
 ]
 
@@ -112,6 +113,26 @@ def fsdp_resharded(model: torch.nn.Module):
         yield
     finally:
         _reshard(model)
+
+
+@contextlib.contextmanager
+def running_stats_kept(model: torch.nn.Module):
+    """The running statistics of every BatchNorm (and tracking InstanceNorm) put back on exit.
+
+    A forward in train mode moves them; the passes a Hessian step adds to the Trainer's own
+    (θ ± εz, the Hessian pass on a sub-batch, a catch-up, the loss-normalisation check) must
+    not, or a model's statistics would be a different average than AdamW's on the same batches.
+    """
+    kept = [(m, {k: getattr(m, k).clone() for k in ("running_mean", "running_var", "num_batches_tracked")
+                 if isinstance(getattr(m, k, None), torch.Tensor)})
+            for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in kept:
+                for name, value in buffers.items():
+                    getattr(module, name).copy_(value)
 
 
 _DOUBLE_BACKWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("_DOUBLE_BACKWARD", default=False)
@@ -295,8 +316,9 @@ def perturbed_pass(model: torch.nn.Module, estimate: HessianEstimate, eps: float
     the backward of a marked loss (the Trainer's own step, or ``mark(loss).backward()``)
     folds ±g(θ ± εz) into the estimate, at ``accelerator``'s loss scale.
     """
-    with torch.random.fork_rng(devices=rng_devices(estimate.params)), no_sync(model), fsdp_resharded(model), \
-            perturbed(estimate, sign * eps), capture_backward(_fd_sink(estimate, accelerator, eps, scheme, sign)):
+    with torch.random.fork_rng(devices=rng_devices(estimate.params)), running_stats_kept(model), no_sync(model), \
+            fsdp_resharded(model), perturbed(estimate, sign * eps), \
+            capture_backward(_fd_sink(estimate, accelerator, eps, scheme, sign)):
         yield
 
 
@@ -317,7 +339,7 @@ def catch_up(*, model, inputs, num_items_in_batch, estimate: HessianEstimate, st
             with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator):
                 stock_step(model, inputs, num_items_in_batch)
     else:
-        with torch.random.fork_rng(devices=rng_devices(estimate.params)), \
+        with torch.random.fork_rng(devices=rng_devices(estimate.params)), running_stats_kept(model), \
                 exact_pass(model, estimate, accelerator, add_grad=False):
             stock_step(model, inputs, num_items_in_batch)
     if world_size() > 1:
@@ -394,7 +416,7 @@ def _exact_sub_batch(model, inputs, num_items, estimate, stock_step, accelerator
     """
     head, head_items = _head(inputs, num_items, fraction, count_items)
     # Hessian first: its graph is gone before the full batch's gradient exists.
-    with exact_pass(model, estimate, accelerator, add_grad=False):
+    with running_stats_kept(model), exact_pass(model, estimate, accelerator, add_grad=False):
         stock_step(model, head, head_items)
     return plain(stock_step(model, inputs, num_items))
 

@@ -183,6 +183,7 @@ class AdaHessianTrainerMixin:
         # the RNG put back afterwards, so the run is the one it would have been.
         exact = self.adahessian is not None and self.adahessian.hessian_estimator == "exact"
         with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(list(model.parameters()))), \
+                hessian_pass.running_stats_kept(model), \
                 hessian_pass.double_backward_ready(model) if exact else contextlib.nullcontext():
             state = torch.get_rng_state()
             for items in (num_items_in_batch, num_items_in_batch * 2):

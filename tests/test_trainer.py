@@ -497,6 +497,62 @@ def test_hessian_batch_fraction_changes_which_rows_not_the_scale(accumulation, l
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-12)
 
 
+# --------------------------------------------------------------------------- BatchNorm statistics
+
+
+class BatchNormNet(torch.nn.Module):
+    """Mean embedding, BatchNorm, a linear head; a second head joins when ``use_aux`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(100, 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+        self.out = torch.nn.Linear(8, 2)
+        self.aux = torch.nn.Linear(8, 2)
+        self.use_aux = False
+
+    def forward(self, input_ids, labels=None, **kwargs):
+        h = torch.tanh(self.bn(self.emb(input_ids).mean(1)))
+        logits = self.out(h) + (self.aux(h) if self.use_aux else 0.0)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class AuxFromStep1(TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        model.use_aux = state.global_step >= 1
+
+
+@pytest.mark.parametrize("optim_args", [
+    "",                                                                      # the loss-normalisation check
+    "hessian_estimator=finite_difference",                                   # θ + εz
+    "hessian_estimator=finite_difference,fd_scheme=central",                 # θ ± εz
+    "hessian_batch_fraction=0.5",                                            # the head's Hessian pass
+    "hessian_estimator=finite_difference,hessian_batch_fraction=0.5",        # the head at θ ± εz
+    "hessian_interval=10",                                                   # a catch-up for the new head
+    "hessian_interval=10,hessian_estimator=finite_difference",
+])
+def test_the_passes_a_hessian_step_adds_leave_batchnorm_statistics_as_adamw_has_them(optim_args, make_args,
+                                                                                      make_dataset):
+    """A forward in train mode moves BatchNorm's running statistics. The Trainer's own step moves
+    them once a batch, as for AdamW; the passes AdaHessian adds (its one-off loss-normalisation
+    check, the finite-difference and sub-batch passes, a catch-up) put them back: after one step
+    (the one where both runs' forwards see the same θ) the statistics are AdamW's bit for bit, and
+    after three (a catch-up for the head that joins at step 1 among them) they count three batches."""
+    def run(optim, optim_args, steps):
+        model = BatchNormNet()
+        args = make_args(optim=optim, optim_args=optim_args or None, max_steps=steps, max_grad_norm=0.0,
+                         train_sampling_strategy="sequential")
+        AdaHessianTrainer(model=model, args=args, train_dataset=make_dataset(32),
+                          callbacks=[AuxFromStep1()]).train()
+        return model.bn
+
+    adamw, ours = run("adamw_torch", "", 1), run("adahessian", optim_args, 1)
+    assert torch.equal(ours.running_mean, adamw.running_mean)
+    assert torch.equal(ours.running_var, adamw.running_var)
+    assert run("adahessian", optim_args, 3).num_batches_tracked.item() == 3
+
+
 # --------------------------------------------------------------------------- gradient clipping
 
 
