@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from benchmarks.lazy_trace import DEFAULT_SETTINGS, coords_over, parse_settings, window_max
+from benchmarks.lazy_trace import DEFAULT_SETTINGS, coords_over, parse_settings, window_max, window_mean_rms
 
 
 def test_settings_parse_into_adahessian_keyword_arguments():
@@ -36,3 +36,11 @@ def test_coordinates_over_the_threshold_are_summed_over_the_window_only():
     assert coords_over(steps, 2, 10) == 7
     assert coords_over(steps, 11, None) == 5
     assert coords_over(steps, 12, None) == 0
+
+
+def test_the_mean_rms_step_averages_the_measured_steps_inside_the_window():
+    steps = [{"step": 1, "rms_update_over_lr": None}, {"step": 2, "rms_update_over_lr": 0.2},
+             {"step": 10, "rms_update_over_lr": 0.4}, {"step": 11, "rms_update_over_lr": 5.0}]
+    assert window_mean_rms(steps, 1, 10) == pytest.approx(0.3)
+    assert window_mean_rms(steps, 11, None) == 5.0
+    assert window_mean_rms(steps, 12, None) is None
