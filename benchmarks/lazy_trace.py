@@ -17,7 +17,8 @@ a stale or single-probe v̂ shows up here as a coordinate moving by tens of lr i
 It also counts the coordinates that moved by more than 1 and 10 lr: Adam's |m̂/√v̂| is
 about 1 at most, so these are the coordinates whose denominator is short of their gradient.
 And it records the root-mean-square |Δθ|/lr over all coordinates: how far the typical
-coordinate moves, which a damped or stale denominator changes without any outlier.
+coordinate moves, which a damped or stale denominator changes without any outlier; and the
+tensor holding most of the step's squared length, with its share.
 The summary gives, per setting, the largest |Δθ|/lr in steps 2–10, 11–50 and 51 to the end,
 how many coordinate steps exceeded 10 lr there, the mean RMS step there, the mean loss of the
 last 10 steps and the dev accuracy on ``--max_eval_samples`` sentences.
@@ -127,21 +128,25 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
             opt.step()
         opt.zero_grad(set_to_none=True)
         schedule.step()
-        moves, over, squares, count = [], {t: 0 for t in THRESHOLDS}, 0.0, 0
+        moves, over, squares, count = [], {t: 0 for t in THRESHOLDS}, {}, 0
         for (n, p), b in zip(named, before):
             delta = (p.detach() - b).abs_()
             moves.append((delta.max().item(), n))
-            squares += float(delta.double().square().sum())
+            squares[n] = float(delta.double().square().sum())
             count += delta.numel()
             for t in THRESHOLDS:
                 over[t] += int((delta > t * lr).sum()) if lr > 0 else 0
         del before
         largest, tensor = max(moves)
+        total = sum(squares.values())
+        heaviest = max(squares, key=squares.get)
         steps.append({"step": step + 1, "hessian": hessian, "lr": lr, "loss": loss.item(),
                       # the first step's lr is 0 under warm-up: nothing moves, nothing to measure
                       "max_update_over_lr": largest / lr if lr > 0 else None, "tensor": tensor,
                       # the typical coordinate's step: how far the run moves, where the max shows its outliers
-                      "rms_update_over_lr": math.sqrt(squares / count) / lr if lr > 0 else None,
+                      "rms_update_over_lr": math.sqrt(total / count) / lr if lr > 0 else None,
+                      # the tensor that holds most of the step's squared length, and how much of it
+                      "heaviest_tensor": heaviest, "heaviest_share": squares[heaviest] / total if total else None,
                       # how many coordinates moved by more than t learning rates (Adam's |m̂/√v̂| is ~1 at most)
                       **{f"coords_over_{t}_lr": over[t] for t in THRESHOLDS}})
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
@@ -174,6 +179,19 @@ def window_mean_rms(steps: list[dict], first: int, last: int | None) -> float | 
     inside = [s["rms_update_over_lr"] for s in steps if s.get("rms_update_over_lr") is not None
               and first <= s["step"] and (last is None or s["step"] <= last)]
     return sum(inside) / len(inside) if inside else None
+
+
+def window_heaviest(steps: list[dict], first: int, last: int | None) -> str:
+    """The tensor that most often holds most of a step's squared length in the window, with its mean share
+    of it over those steps and how many steps it heads."""
+    inside = [s for s in steps if s.get("heaviest_share") is not None and first <= s["step"]
+              and (last is None or s["step"] <= last)]
+    if not inside:
+        return "–"
+    names = [s["heaviest_tensor"] for s in inside]
+    top = max(set(names), key=names.count)
+    shares = [s["heaviest_share"] for s in inside if s["heaviest_tensor"] == top]
+    return f"{top} ({sum(shares) / len(shares):.0%} of it on {len(shares)} of {len(inside)} steps)"
 
 
 def coords_over(steps: list[dict], first: int, last: int | None, threshold: int = THRESHOLDS[-1]) -> int:
@@ -223,14 +241,14 @@ def main() -> None:
         for first, last in WINDOWS:
             ratio, where = window_max(r["steps"], first, last)
             row += [fmt(ratio, ".2f"), where, str(coords_over(r["steps"], first, last)),
-                    fmt(window_mean_rms(r["steps"], first, last), ".4f")]
+                    fmt(window_mean_rms(r["steps"], first, last), ".4f"), window_heaviest(r["steps"], first, last)]
         tail = [s["loss"] for s in r["steps"][-10:]]
         rows.append(row + [fmt(sum(tail) / len(tail), ".3f")])
     headers = ["setting", "AdaHessian arguments", "dev accuracy"]
     for first, last in WINDOWS:
         span = f"steps {first}–{last or 'end'}"
         headers += [f"largest step / lr, {span}", "where", f"coordinate steps over {THRESHOLDS[-1]} lr, {span}",
-                    f"RMS step / lr, mean over {span}"]
+                    f"RMS step / lr, mean over {span}", f"tensor holding most of the squared step, {span}"]
     headers.append("mean loss, last 10 steps")
     text = (f"## Lazy Hessians on fine-tuning: MiniLM on SST-2, plain loop\n\n{args.steps} steps, batch {BATCH}, "
             f"length {MAX_LENGTH}, lr {args.lr}, linear schedule with {args.warmup} warm-up steps, no weight decay, "

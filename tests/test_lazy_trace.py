@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from benchmarks.lazy_trace import DEFAULT_SETTINGS, coords_over, parse_settings, window_max, window_mean_rms
+from benchmarks.lazy_trace import (DEFAULT_SETTINGS, coords_over, parse_settings, window_heaviest, window_max,
+                                   window_mean_rms)
 
 
 def test_settings_parse_into_adahessian_keyword_arguments():
@@ -44,3 +45,12 @@ def test_the_mean_rms_step_averages_the_measured_steps_inside_the_window():
     assert window_mean_rms(steps, 1, 10) == pytest.approx(0.3)
     assert window_mean_rms(steps, 11, None) == 5.0
     assert window_mean_rms(steps, 12, None) is None
+
+
+def test_the_heaviest_tensor_is_the_one_that_most_often_holds_most_of_the_step():
+    steps = [{"step": 2, "heaviest_tensor": "emb", "heaviest_share": 0.9},
+             {"step": 3, "heaviest_tensor": "head", "heaviest_share": 0.5},
+             {"step": 4, "heaviest_tensor": "emb", "heaviest_share": 0.7},
+             {"step": 5, "heaviest_tensor": None, "heaviest_share": None}]
+    assert window_heaviest(steps, 2, 5) == "emb (80% of it on 2 of 3 steps)"
+    assert window_heaviest(steps, 6, None) == "–"
