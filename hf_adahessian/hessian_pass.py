@@ -51,6 +51,7 @@ __all__ = [
     "micro_batch",
     "perturbed_pass",
     "running_stats_kept",
+    "untraced",
     "catch_up",
 ]
 
@@ -133,6 +134,14 @@ def running_stats_kept(model: torch.nn.Module):
             for module, buffers in kept:
                 for name, value in buffers.items():
                     getattr(module, name).copy_(value)
+
+
+@contextlib.contextmanager
+def untraced(model: torch.nn.Module, params):
+    """A pass added to the Trainer's own that leaves no trace: the RNG forked (the pass after it
+    draws the same dropout masks) and the running statistics put back."""
+    with torch.random.fork_rng(devices=rng_devices(params)), running_stats_kept(model):
+        yield
 
 
 _DOUBLE_BACKWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("_DOUBLE_BACKWARD", default=False)
@@ -316,8 +325,7 @@ def perturbed_pass(model: torch.nn.Module, estimate: HessianEstimate, eps: float
     the backward of a marked loss (the Trainer's own step, or ``mark(loss).backward()``)
     folds ±g(θ ± εz) into the estimate, at ``accelerator``'s loss scale.
     """
-    with torch.random.fork_rng(devices=rng_devices(estimate.params)), running_stats_kept(model), no_sync(model), \
-            fsdp_resharded(model), perturbed(estimate, sign * eps), \
+    with untraced(model, estimate.params), no_sync(model), fsdp_resharded(model), perturbed(estimate, sign * eps), \
             capture_backward(_fd_sink(estimate, accelerator, eps, scheme, sign)):
         yield
 
@@ -339,8 +347,7 @@ def catch_up(*, model, inputs, num_items_in_batch, estimate: HessianEstimate, st
             with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator):
                 stock_step(model, inputs, num_items_in_batch)
     else:
-        with torch.random.fork_rng(devices=rng_devices(estimate.params)), running_stats_kept(model), \
-                exact_pass(model, estimate, accelerator, add_grad=False):
+        with untraced(model, estimate.params), exact_pass(model, estimate, accelerator, add_grad=False):
             stock_step(model, inputs, num_items_in_batch)
     if world_size() > 1:
         estimate.all_reduce_()

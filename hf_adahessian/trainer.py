@@ -33,7 +33,6 @@ from transformers.trainer_callback import ProgressCallback
 
 from . import hessian_pass
 from .arguments import is_adahessian, settings_of
-from .estimators import rng_devices
 from .optimizer import AdaHessian
 from .validation import AdaHessianUsageError
 
@@ -180,10 +179,9 @@ class AdaHessianTrainerMixin:
         was_training = model.training
         model.train()
         # Under the attention the Hessian forwards use (no kernel gets compiled for this alone), with
-        # the RNG put back afterwards, so the run is the one it would have been.
+        # the RNG and BatchNorm statistics put back afterwards, so the run is the one it would have been.
         exact = self.adahessian is not None and self.adahessian.hessian_estimator == "exact"
-        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(list(model.parameters()))), \
-                hessian_pass.running_stats_kept(model), \
+        with torch.no_grad(), hessian_pass.untraced(model, list(model.parameters())), \
                 hessian_pass.double_backward_ready(model) if exact else contextlib.nullcontext():
             state = torch.get_rng_state()
             for items in (num_items_in_batch, num_items_in_batch * 2):
