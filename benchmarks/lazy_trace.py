@@ -18,7 +18,10 @@ It also counts the coordinates that moved by more than 1 and 10 lr: Adam's |m̂/
 about 1 at most, so these are the coordinates whose denominator is short of their gradient.
 And it records the root-mean-square |Δθ|/lr over all coordinates: how far the typical
 coordinate moves, which a damped or stale denominator changes without any outlier; and the
-tensor holding most of the step's squared length, with its share.
+tensor holding most of the step's squared length, with its share.  For the word embedding, whose
+rows an estimate refreshes only when their tokens are in its batch, it splits the squared step by
+when each row was last estimated (never, on the latest Hessian step, on an earlier one after the
+dense warm-up, in the warm-up), and records the stale guard's factor on its denominator.
 The summary gives, per setting, the largest |Δθ|/lr in steps 2–10, 11–50 and 51 to the end,
 how many coordinate steps exceeded 10 lr there, the mean RMS step there, the mean loss of the
 last 10 steps and the dev accuracy on ``--max_eval_samples`` sentences.
@@ -89,6 +92,35 @@ def encode(tokenizer, rows: list[dict]) -> dict:
     return batch
 
 
+ROW_AGES = ("never", "latest", "earlier", "warmup")
+
+
+def row_age_shares(row_squares, last_estimate, latest: int, dense_until: int) -> dict[str, float]:
+    """The share of a tensor's squared step in rows by when each was last estimated.
+
+    ``row_squares``: the squared step summed per row; ``last_estimate``: per row the optimizer
+    step of its latest estimate, 0 for never; ``latest``: the latest Hessian step; ``dense_until``:
+    the last step of the dense warm-up (``hessian_warmup``).
+    """
+    total = float(row_squares.sum())
+    masks = {"never": last_estimate == 0, "latest": last_estimate == latest,
+             "earlier": (last_estimate > dense_until) & (last_estimate != latest),
+             "warmup": (last_estimate > 0) & (last_estimate <= dense_until) & (last_estimate != latest)}
+    return {age: float(row_squares[mask].sum()) / total if total else 0.0 for age, mask in masks.items()}
+
+
+def guard_factor(opt, p) -> float | None:
+    """The stale guard's tensor-wide factor on ``p``'s denominator after this step (None without the guard;
+    rows counted apart have factors of their own, from their own last estimates)."""
+    state = opt.state.get(p, {})
+    if "grad_norm_avg" not in state or "grad_norm_at_estimate" not in state:
+        return None
+    beta1 = opt.param_groups[0]["betas"][0]
+    current = state["grad_norm_avg"] / (1 - beta1 ** state["step"])
+    reference = state["grad_norm_at_estimate"]
+    return max(1.0, current / reference) if reference > 0 else 1.0
+
+
 def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
@@ -102,6 +134,9 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = AdaHessian([p for _, p in named], lr=args.lr, weight_decay=0.0, seed=args.seed, **kwargs)
     schedule = get_scheduler("linear", opt, num_warmup_steps=args.warmup, num_training_steps=args.steps)
+    embedding = model.get_input_embeddings().weight
+    last_estimate = torch.zeros(embedding.shape[0], dtype=torch.long)
+    latest = 0
     steps, start = [], time.perf_counter()
     model.train()
     for step in range(args.steps):
@@ -128,9 +163,16 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
             opt.step()
         opt.zero_grad(set_to_none=True)
         schedule.step()
+        if hessian:
+            latest = step + 1
+            last_estimate[batch["input_ids"].unique()] = latest
         moves, over, squares, count = [], {t: 0 for t in THRESHOLDS}, {}, 0
+        ages = None
         for (n, p), b in zip(named, before):
             delta = (p.detach() - b).abs_()
+            if p is embedding:
+                ages = row_age_shares(delta.double().square().sum(dim=1), last_estimate, latest,
+                                      opt.hessian_warmup)
             moves.append((delta.max().item(), n))
             squares[n] = float(delta.double().square().sum())
             count += delta.numel()
@@ -148,7 +190,9 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
                       # the tensor that holds most of the step's squared length, and how much of it
                       "heaviest_tensor": heaviest, "heaviest_share": squares[heaviest] / total if total else None,
                       # how many coordinates moved by more than t learning rates (Adam's |m̂/√v̂| is ~1 at most)
-                      **{f"coords_over_{t}_lr": over[t] for t in THRESHOLDS}})
+                      **{f"coords_over_{t}_lr": over[t] for t in THRESHOLDS},
+                      # the word embedding's squared step by when its rows were last estimated
+                      "embedding_share_by_age": ages, "embedding_guard_factor": guard_factor(opt, embedding)})
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             ratio = steps[-1]["max_update_over_lr"]
             print(f"  step {step + 1:4d} {'H' if hessian else '.'} loss {loss.item():.3f} "
@@ -192,6 +236,19 @@ def window_heaviest(steps: list[dict], first: int, last: int | None) -> str:
     top = max(set(names), key=names.count)
     shares = [s["heaviest_share"] for s in inside if s["heaviest_tensor"] == top]
     return f"{top} ({sum(shares) / len(shares):.0%} of it on {len(shares)} of {len(inside)} steps)"
+
+
+def window_ages(steps: list[dict], first: int, last: int | None) -> str:
+    """The word embedding's squared step by when its rows were last estimated, each share averaged over
+    the window's steps, and the mean stale-guard factor on its denominator where the guard is on."""
+    inside = [s for s in steps if s.get("embedding_share_by_age") and first <= s["step"]
+              and (last is None or s["step"] <= last)]
+    if not inside:
+        return "–"
+    text = " · ".join(f"{age} {sum(s['embedding_share_by_age'][age] for s in inside) / len(inside):.0%}"
+                      for age in ROW_AGES)
+    factors = [s["embedding_guard_factor"] for s in inside if s.get("embedding_guard_factor") is not None]
+    return text + (f"; tensor-wide guard ×{sum(factors) / len(factors):.2f}" if factors else "")
 
 
 def coords_over(steps: list[dict], first: int, last: int | None, threshold: int = THRESHOLDS[-1]) -> int:
@@ -241,14 +298,16 @@ def main() -> None:
         for first, last in WINDOWS:
             ratio, where = window_max(r["steps"], first, last)
             row += [fmt(ratio, ".2f"), where, str(coords_over(r["steps"], first, last)),
-                    fmt(window_mean_rms(r["steps"], first, last), ".4f"), window_heaviest(r["steps"], first, last)]
+                    fmt(window_mean_rms(r["steps"], first, last), ".4f"), window_heaviest(r["steps"], first, last),
+                    window_ages(r["steps"], first, last)]
         tail = [s["loss"] for s in r["steps"][-10:]]
         rows.append(row + [fmt(sum(tail) / len(tail), ".3f")])
     headers = ["setting", "AdaHessian arguments", "dev accuracy"]
     for first, last in WINDOWS:
         span = f"steps {first}–{last or 'end'}"
         headers += [f"largest step / lr, {span}", "where", f"coordinate steps over {THRESHOLDS[-1]} lr, {span}",
-                    f"RMS step / lr, mean over {span}", f"tensor holding most of the squared step, {span}"]
+                    f"RMS step / lr, mean over {span}", f"tensor holding most of the squared step, {span}",
+                    f"word embedding's squared step by its rows' last estimate, {span}"]
     headers.append("mean loss, last 10 steps")
     text = (f"## Lazy Hessians on fine-tuning: MiniLM on SST-2, plain loop\n\n{args.steps} steps, batch {BATCH}, "
             f"length {MAX_LENGTH}, lr {args.lr}, linear schedule with {args.warmup} warm-up steps, no weight decay, "

@@ -44,6 +44,8 @@ from .validation import HyperparameterError, check_group_hyperparameters, check_
 __all__ = ["AdaHessian", "HessianStats", "adahessian"]
 
 _STATE_KEYS = ("exp_avg", "exp_hessian_diag_sq")
+# Per-row state, made when an estimate first sees only some of a tensor's rows (the second under stale_guard).
+_ROW_KEYS = ("row_hessian_steps", "row_grad_norm_at_estimate")
 # State a parameter has only under some settings (stale_guard, time_weighted).
 _OPTIONAL_SCALARS = ("grad_norm_avg", "grad_norm_at_estimate", "hessian_weight")
 
@@ -96,10 +98,11 @@ class AdaHessian(Optimizer):
         hessian_warmup: estimate the Hessian on each of the first W steps, then every
             ``hessian_interval`` (W+1, W+1+N, …): curvature changes fastest early, above all
             while a new head is still random.
-        stale_guard: between Hessian steps, multiply each tensor's denominator by how much
-            the (moving average of the) norm of its gradient has grown since its last
-            estimate, never by less than 1, so that a stale, too small curvature does not
-            drive steps the fresh one would not; inert when every step has a Hessian.
+        stale_guard: multiply each tensor's denominator by how much the (moving average of
+            the) norm of its gradient has grown since its last estimate, never by less than 1,
+            so that a stale, too small curvature does not drive steps the fresh one would not;
+            per row where an estimate sees only some rows (embeddings: since the row's own last
+            estimate). Inert where every row is estimated on every step.
         update_clip: bound each coordinate's m̂/denominator to [−c, c] (as Sophia does), so a
             step moves no coordinate by more than lr·c; None: unbounded (the paper's).
         time_weighted: weight each estimate in v by the steps it stands for (1 in the warm-up,
@@ -405,7 +408,8 @@ class AdaHessian(Optimizer):
                 if "row_hessian_steps" in state:
                     state["row_hessian_steps"].add_(float(v_weight) if rows is None
                                                     else rows.to(torch.float32) * v_weight)
-            scales.append(self._stale_scale(state, grad_norms[p.grad], d is not None, beta1, group["hessian_power"])
+            scales.append(self._stale_scale(state, grad_norms[p.grad], d is not None, rows, beta1,
+                                            group["hessian_power"])
                           if p.grad in grad_norms else 1.0)
             params.append(p)
             grads.append(p.grad)
@@ -420,19 +424,39 @@ class AdaHessian(Optimizer):
         return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales
 
     @staticmethod
-    def _stale_scale(state: dict, grad_norm: float, estimated: bool, beta1: float, hessian_power: float) -> float:
-        """``stale_guard``: the growth of the gradient's scale since the tensor's last estimate, at least 1.
+    def _stale_scale(state: dict, grad_norm: float, estimated: bool, rows: torch.Tensor | None, beta1: float,
+                     hessian_power: float) -> float | torch.Tensor:
+        """``stale_guard``: the growth of the gradient's scale since the last estimate, at least 1.
 
         Through a linear head, the gradient upstream grows with the head's weights and the
         curvature with their square, so √v grows as the gradient does: what the gradient
         grew by, the stale denominator is short of.  An average of norms (β1, as m) keeps
-        one noisy batch from counting as growth.
+        one noisy batch from counting as growth.  Where rows are counted apart (an embedding
+        whose rows an estimate sees only when their tokens are in its batch), each row's
+        reference is the scale at its own last estimate, a vector of factors: a row last
+        estimated while the head was random keeps its factor when a later estimate refreshes
+        only the frequent rows.  Rows never estimated, which take the mean v̂ of those seen,
+        follow the tensor's latest estimate.
         """
         ema = beta1 * state.get("grad_norm_avg", 0.0) + (1 - beta1) * grad_norm
         state["grad_norm_avg"] = ema
         current = ema / (1 - beta1 ** state["step"])
+        row_steps = state.get("row_hessian_steps")
+        if row_steps is not None:
+            reference = state.get("row_grad_norm_at_estimate")
+            if reference is None:
+                reference = state["row_grad_norm_at_estimate"] = torch.full_like(
+                    row_steps, state.get("grad_norm_at_estimate", current))
+            if estimated and rows is None:
+                reference.fill_(current)
+            elif estimated:
+                reference.masked_fill_(rows | (row_steps == 0), current)
         if estimated or "grad_norm_at_estimate" not in state:
             state["grad_norm_at_estimate"] = current
+        if row_steps is not None:
+            factors = torch.where(reference > 0, current / reference, 1.0).clamp_(min=1.0)
+            return factors if hessian_power == 1.0 else factors.pow_(hessian_power)
+        if estimated:
             return 1.0
         reference = state["grad_norm_at_estimate"]
         return max(1.0, current / reference) ** hessian_power if reference > 0 else 1.0
@@ -452,12 +476,13 @@ class AdaHessian(Optimizer):
             sd["param_groups"][0] = {**sd["param_groups"][0], "adahessian": sd["adahessian"]}
         # It also loads only the keys that the state it loads into already has (made by a step at
         # lr 0, see _initialising_state), so every parameter's entry carries every key: the ones a
-        # tensor lacks are written as absent (rows counted -1, NaN) and dropped again on load.
+        # tensor lacks are written as absent (per-row values -1, NaN) and dropped again on load.
         params = [p for g in self.param_groups for p in g["params"]]
         for idx, entry in sd["state"].items():
             full = dict(entry)
-            if "row_hessian_steps" not in full:
-                full["row_hessian_steps"] = _absent_rows(params[idx])
+            for key in _ROW_KEYS:
+                if key not in full:
+                    full[key] = _absent_rows(params[idx])
             for key in _OPTIONAL_SCALARS:
                 full.setdefault(key, math.nan)
             sd["state"][idx] = full
@@ -487,9 +512,9 @@ class AdaHessian(Optimizer):
         # parameter must stay fp32, so put the saved fp32 tensors back.
         current = [p for g in self.param_groups for p in g["params"]]
         for idx, p in zip(saved_ids, current):
-            for key in (*_STATE_KEYS, "row_hessian_steps"):
+            for key in (*_STATE_KEYS, *_ROW_KEYS):
                 if idx in saved_state and key in saved_state[idx]:
-                    dtype = torch.float32 if key == "row_hessian_steps" else _state_dtype(p)
+                    dtype = torch.float32 if key in _ROW_KEYS else _state_dtype(p)
                     self.state[p][key] = saved_state[idx][key].to(device=p.device, dtype=dtype)
         if extra is not None:
             if "stats" in extra:
@@ -521,9 +546,10 @@ def _absent_rows(p: torch.Tensor) -> torch.Tensor:
 def _present(entry: dict) -> dict:
     """A saved parameter's state without the keys written as absent (see ``state_dict``)."""
     entry = dict(entry)
-    rows = entry.get("row_hessian_steps")
-    if isinstance(rows, torch.Tensor) and bool(_whole((rows < 0).all())):
-        del entry["row_hessian_steps"]
+    for key in _ROW_KEYS:
+        rows = entry.get(key)
+        if isinstance(rows, torch.Tensor) and bool(_whole((rows < 0).all())):
+            del entry[key]
     for key in _OPTIONAL_SCALARS:
         if isinstance(entry.get(key), float) and math.isnan(entry[key]):
             del entry[key]
@@ -557,7 +583,7 @@ def adahessian(
     row_hessian_steps: list[torch.Tensor | None],
     steps: list[int],
     hessian_steps: list[int],
-    denominator_scales: list[float] | None = None,
+    denominator_scales: list[float | torch.Tensor] | None = None,
     *,
     lr: float,
     beta1: float,
@@ -580,7 +606,7 @@ def adahessian(
     been seen on each of the tensor's Hessian steps, else each row's count.  A
     parameter whose v has never been updated only accumulates momentum: with
     v = 0 its step would be m/eps.  ``denominator_scales[i]`` multiplies parameter i's
-    (√v̂)^k (the stale guard; 1 by default); ``update_clip`` bounds m̂/denominator.
+    (√v̂)^k (the stale guard; 1 by default; one factor per row where rows are counted apart); ``update_clip`` bounds m̂/denominator.
     ``v_weight`` w: the steps this step's estimates stand for; v decays by β2^w and takes
     1 − β2^w of D² (``time_weighted``; 1 is the paper's EMA).
     """
@@ -594,15 +620,18 @@ def adahessian(
        hessian_power=hessian_power, update_clip=update_clip, beta2_now=beta2 if v_weight == 1 else beta2**v_weight)
 
 
-def _power_plus_eps_(v_hat: torch.Tensor, hessian_power: float, eps: float, scale: float = 1.0) -> torch.Tensor:
-    """scale·(√v̂)^k + eps, in place."""
+def _power_plus_eps_(v_hat: torch.Tensor, hessian_power: float, eps: float,
+                     scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """scale·(√v̂)^k + eps, in place; ``scale`` a number or one factor per row."""
     if hessian_power == 1.0:
         v_hat.sqrt_()
     elif hessian_power == 0.0:
         v_hat.fill_(1.0)
     else:
         v_hat.pow_(hessian_power / 2)
-    if scale != 1.0:
+    if isinstance(scale, torch.Tensor):
+        v_hat.mul_(_row_view(scale, v_hat))
+    elif scale != 1.0:
         v_hat.mul_(scale)
     return v_hat.add_(eps)
 
@@ -627,7 +656,7 @@ def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta
 
 
 def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2: float, hessian_power: float,
-                 eps: float, scale: float = 1.0) -> torch.Tensor:
+                 eps: float, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """scale·(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen.
 
     One parameter-sized buffer, as for the plain rule: the per-row work is on row-sized vectors.

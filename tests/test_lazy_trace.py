@@ -54,3 +54,30 @@ def test_the_heaviest_tensor_is_the_one_that_most_often_holds_most_of_the_step()
              {"step": 5, "heaviest_tensor": None, "heaviest_share": None}]
     assert window_heaviest(steps, 2, 5) == "emb (80% of it on 2 of 3 steps)"
     assert window_heaviest(steps, 6, None) == "–"
+
+
+def test_the_embedding_step_is_split_by_when_each_row_was_last_estimated():
+    import torch
+
+    from benchmarks.lazy_trace import row_age_shares
+
+    # rows: never, latest Hessian step (36), an earlier one after the warm-up (16), the warm-up (3)
+    squares = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    last = torch.tensor([0, 36, 16, 3])
+    assert row_age_shares(squares, last, latest=36, dense_until=15) == pytest.approx(
+        {"never": 0.1, "latest": 0.2, "earlier": 0.3, "warmup": 0.4})
+    # inside the warm-up the latest estimate is not counted as a warm-up one
+    assert row_age_shares(squares, torch.tensor([0, 5, 5, 3]), latest=5, dense_until=15) == pytest.approx(
+        {"never": 0.1, "latest": 0.5, "earlier": 0.0, "warmup": 0.4})
+    assert row_age_shares(torch.zeros(4, dtype=torch.float64), last, 36, 15)["never"] == 0.0
+
+
+def test_the_window_summary_averages_the_age_shares_and_the_guard_factor():
+    from benchmarks.lazy_trace import window_ages
+
+    shares = {"never": 0.0, "latest": 0.5, "earlier": 0.5, "warmup": 0.0}
+    steps = [{"step": 2, "embedding_share_by_age": shares, "embedding_guard_factor": 1.0},
+             {"step": 3, "embedding_share_by_age": {**shares, "latest": 0.0, "warmup": 0.5},
+              "embedding_guard_factor": 3.0}]
+    assert window_ages(steps, 2, 3) == "never 0% · latest 25% · earlier 50% · warmup 25%; tensor-wide guard ×2.00"
+    assert window_ages(steps, 4, None) == "–"

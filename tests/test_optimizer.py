@@ -846,6 +846,61 @@ def test_a_row_never_observed_is_divided_by_the_mean_curvature_of_the_rows_seen_
     assert torch.equal(model.emb[4:].detach(), before[4:])  # no gradient, no estimate: untouched
 
 
+def test_the_stale_guard_scales_each_row_by_the_growth_since_its_own_last_estimate():
+    """Interval 2 (Hessian steps 1, 3): step 1 estimates rows 0 and 1, then the loss grows tenfold (a head
+    growing) and step 3 estimates row 1 alone.  On step 4 row 1's denominator is scaled by the gradient's
+    growth since step 3 and row 0's by its growth since step 1, its own estimate: a tensor-wide reference,
+    reset by step 3, would leave row 0 with curvature measured before the growth.  β1 = 0, so the running
+    norm is the gradient's norm and m̂ the gradient."""
+    model = _Bag()
+    lr, eps = 0.01, 1e-4
+    opt = AdaHessian(model.parameters(), lr=lr, betas=(0.0, 0.9), eps=eps, hessian_interval=2, stale_guard=True,
+                     seed=0)
+    norms = []
+    for tokens, scale in (([0, 1], 1.0), ([1], 10.0), ([1], 10.0), ([0, 1], 10.0)):
+        opt.zero_grad()
+        _backward_for(opt, scale * model(torch.tensor(tokens), 1.0))
+        norms.append(float(model.emb.grad.detach().norm()))
+        grad, before = model.emb.grad.detach().clone(), model.emb.detach().clone()
+        state = opt.state[model.emb]
+        v_before = state["exp_hessian_diag_sq"].clone() if state else None
+        opt.step()
+    counts = state["row_hessian_steps"]
+    assert counts.tolist()[:2] == [1, 2]
+    v_hat = v_before[:2] / (1 - 0.9 ** counts[:2, None])
+    factors = torch.tensor([norms[3] / norms[0], norms[3] / norms[2]])[:, None]
+    assert factors[0] > 2 * factors[1]  # row 0's estimate predates the growth
+    expected = -lr * grad[:2] / (factors * v_hat.sqrt() + eps)
+    torch.testing.assert_close(model.emb.detach()[:2] - before[:2], expected, rtol=1e-5, atol=1e-9)
+    assert state["row_grad_norm_at_estimate"][:2].tolist() == pytest.approx([norms[0], norms[2]])
+
+
+def test_the_row_wise_stale_guard_resumes_bit_for_bit():
+    """Its per-row references are optimizer state: saved, restored, and absent where a tensor has no rows."""
+    def run(steps, opt_state=None, model_state=None):
+        model = _Bag()
+        if model_state is not None:
+            model.load_state_dict(model_state)
+        opt = AdaHessian(model.parameters(), lr=0.01, hessian_interval=2, stale_guard=True, seed=0)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        for tokens in steps:
+            _bag_step(model, opt, tokens)
+        return model, opt
+
+    sequence = ([0, 1], [1, 2], [2], [0, 3], [3, 4], [1, 5])
+    whole, _ = run(sequence)
+    first, first_opt = run(sequence[:3])
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, buf)
+    buf.seek(0)
+    checkpoint = torch.load(buf, weights_only=True)
+    assert "row_grad_norm_at_estimate" in first_opt.state[first.emb]
+    resumed, resumed_opt = run(sequence[3:], checkpoint["optimizer"], checkpoint["model"])
+    assert_all_equal(clone_params(resumed), clone_params(whole), "parameter")
+    assert "row_grad_norm_at_estimate" not in resumed_opt.state[resumed.head]
+
+
 def test_full_coverage_keeps_the_papers_rule_bit_for_bit_with_the_foreach_core():
     """Where every row is observed on every Hessian step no row counter is even made, and the
     foreach and for-loop cores agree bitwise also when some tensors have uneven rows."""
