@@ -21,7 +21,8 @@ coordinate moves, which a damped or stale denominator changes without any outlie
 tensor holding most of the step's squared length, with its share.  For the word embedding, whose
 rows an estimate refreshes only when their tokens are in its batch, it splits the squared step by
 when each row was last estimated (never, on the latest Hessian step, on an earlier one after the
-dense warm-up, in the warm-up), and records the stale guard's factor on its denominator.
+dense warm-up, in the warm-up), and records the stale guard's factor on its denominator (the mean over
+the rows estimated so far, each row having its own).
 The summary gives, per setting, the largest |Δθ|/lr in steps 2–10, 11–50 and 51 to the end,
 how many coordinate steps exceeded 10 lr there, the mean RMS step there, the mean loss of the
 last 10 steps and the dev accuracy on ``--max_eval_samples`` sentences.
@@ -110,14 +111,18 @@ def row_age_shares(row_squares, last_estimate, latest: int, dense_until: int) ->
 
 
 def guard_factor(opt, p) -> float | None:
-    """The stale guard's tensor-wide factor on ``p``'s denominator after this step (None without the guard;
-    rows counted apart have factors of their own, from their own last estimates)."""
+    """The stale guard's factor on ``p``'s denominator after this step, averaged over the rows estimated so
+    far where rows have factors of their own (None without the guard)."""
     state = opt.state.get(p, {})
-    if "grad_norm_avg" not in state or "grad_norm_at_estimate" not in state:
+    if "grad_norm_avg" not in state:
         return None
     beta1 = opt.param_groups[0]["betas"][0]
     current = state["grad_norm_avg"] / (1 - beta1 ** state["step"])
-    reference = state["grad_norm_at_estimate"]
+    if "row_grad_norm_at_estimate" in state:
+        seen = state["row_hessian_steps"] > 0
+        reference = state["row_grad_norm_at_estimate"][seen]
+        return float((current / reference[reference > 0]).clamp(min=1.0).mean()) if bool(seen.any()) else 1.0
+    reference = state.get("grad_norm_at_estimate", 0.0)
     return max(1.0, current / reference) if reference > 0 else 1.0
 
 
@@ -248,7 +253,7 @@ def window_ages(steps: list[dict], first: int, last: int | None) -> str:
     text = " · ".join(f"{age} {sum(s['embedding_share_by_age'][age] for s in inside) / len(inside):.0%}"
                       for age in ROW_AGES)
     factors = [s["embedding_guard_factor"] for s in inside if s.get("embedding_guard_factor") is not None]
-    return text + (f"; tensor-wide guard ×{sum(factors) / len(factors):.2f}" if factors else "")
+    return text + (f"; guard ×{sum(factors) / len(factors):.2f}" if factors else "")
 
 
 def coords_over(steps: list[dict], first: int, last: int | None, threshold: int = THRESHOLDS[-1]) -> int:

@@ -441,22 +441,10 @@ class AdaHessian(Optimizer):
         ema = beta1 * state.get("grad_norm_avg", 0.0) + (1 - beta1) * grad_norm
         state["grad_norm_avg"] = ema
         current = ema / (1 - beta1 ** state["step"])
-        row_steps = state.get("row_hessian_steps")
-        if row_steps is not None:
-            reference = state.get("row_grad_norm_at_estimate")
-            if reference is None:
-                reference = state["row_grad_norm_at_estimate"] = torch.full_like(
-                    row_steps, state.get("grad_norm_at_estimate", current))
-            if estimated and rows is None:
-                reference.fill_(current)
-            elif estimated:
-                reference.masked_fill_(rows | (row_steps == 0), current)
+        if "row_hessian_steps" in state:
+            return _row_stale_factors(state, current, estimated, rows, hessian_power)
         if estimated or "grad_norm_at_estimate" not in state:
             state["grad_norm_at_estimate"] = current
-        if row_steps is not None:
-            factors = torch.where(reference > 0, current / reference, 1.0).clamp_(min=1.0)
-            return factors if hessian_power == 1.0 else factors.pow_(hessian_power)
-        if estimated:
             return 1.0
         reference = state["grad_norm_at_estimate"]
         return max(1.0, current / reference) ** hessian_power if reference > 0 else 1.0
@@ -530,6 +518,23 @@ class AdaHessian(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_estimate", None)
+
+
+def _row_stale_factors(state: dict, current: float, estimated: bool, rows: torch.Tensor | None,
+                       hessian_power: float) -> torch.Tensor:
+    """The stale guard's factor per row: the gradient's scale now over its scale at the row's last estimate."""
+    row_steps = state["row_hessian_steps"]
+    reference = state.get("row_grad_norm_at_estimate")
+    if reference is None:  # rows are counted apart from now on; until now every estimate saw them all
+        reference = state["row_grad_norm_at_estimate"] = torch.full_like(
+            row_steps, state.get("grad_norm_at_estimate", current))
+    if estimated and rows is None:
+        reference.fill_(current)
+    elif estimated:
+        # Rows never seen take the mean v̂ of the rows seen, which this estimate refreshed.
+        reference.masked_fill_(rows | (row_steps == 0), current)
+    factors = torch.where(reference > 0, current / reference, 1.0).clamp_(min=1.0)
+    return factors if hessian_power == 1.0 else factors.pow_(hessian_power)
 
 
 def _absent_rows(p: torch.Tensor) -> torch.Tensor:

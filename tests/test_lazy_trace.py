@@ -79,5 +79,24 @@ def test_the_window_summary_averages_the_age_shares_and_the_guard_factor():
     steps = [{"step": 2, "embedding_share_by_age": shares, "embedding_guard_factor": 1.0},
              {"step": 3, "embedding_share_by_age": {**shares, "latest": 0.0, "warmup": 0.5},
               "embedding_guard_factor": 3.0}]
-    assert window_ages(steps, 2, 3) == "never 0% · latest 25% · earlier 50% · warmup 25%; tensor-wide guard ×2.00"
+    assert window_ages(steps, 2, 3) == "never 0% · latest 25% · earlier 50% · warmup 25%; guard ×2.00"
     assert window_ages(steps, 4, None) == "–"
+
+
+def test_the_guard_factor_is_the_gradient_growth_since_the_estimate_per_tensor_or_averaged_over_seen_rows():
+    import types
+
+    import torch
+
+    from benchmarks.lazy_trace import guard_factor
+
+    p, q, r = (torch.zeros(3, 2) for _ in range(3))
+    # β1 = 0.5, step 1: the running norm 2.0 is bias-corrected to 4.0
+    state = {p: {"step": 1, "grad_norm_avg": 2.0, "grad_norm_at_estimate": 1.0},
+             q: {"step": 1, "grad_norm_avg": 2.0, "row_hessian_steps": torch.tensor([1.0, 2.0, 0.0]),
+                 "row_grad_norm_at_estimate": torch.tensor([1.0, 8.0, 0.5])},
+             r: {"step": 1}}
+    opt = types.SimpleNamespace(state=state, param_groups=[{"betas": (0.5, 0.999)}])
+    assert guard_factor(opt, p) == 4.0
+    assert guard_factor(opt, q) == 2.5  # rows 0 and 1: 4/1 and max(1, 4/8); row 2 never estimated
+    assert guard_factor(opt, r) is None
