@@ -538,7 +538,7 @@ def _row_stale_factors(state: dict, current: float, estimated: bool, rows: torch
 
 
 def _absent_rows(p: torch.Tensor) -> torch.Tensor:
-    """Row counts of -1 ("not counted by row"), one per row of ``p``, sharded as ``p`` is."""
+    """-1 per row of ``p`` ("no per-row state"), sharded as ``p`` is."""
     local = p.to_local() if is_dtensor(p) else p
     rows = torch.full(p.shape[:1], -1.0, device=local.device)
     if is_dtensor(p):
@@ -611,7 +611,8 @@ def adahessian(
     been seen on each of the tensor's Hessian steps, else each row's count.  A
     parameter whose v has never been updated only accumulates momentum: with
     v = 0 its step would be m/eps.  ``denominator_scales[i]`` multiplies parameter i's
-    (√v̂)^k (the stale guard; 1 by default; one factor per row where rows are counted apart); ``update_clip`` bounds m̂/denominator.
+    (√v̂)^k (the stale guard; 1 by default; one factor per row where rows are counted
+    apart); ``update_clip`` bounds m̂/denominator.
     ``v_weight`` w: the steps this step's estimates stand for; v decays by β2^w and takes
     1 − β2^w of D² (``time_weighted``; 1 is the paper's EMA).
     """
