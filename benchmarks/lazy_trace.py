@@ -113,17 +113,16 @@ def row_age_shares(row_squares, last_estimate, latest: int, dense_until: int) ->
 def guard_factor(opt, p) -> float | None:
     """The stale guard's factor on ``p``'s denominator after this step, averaged over the rows estimated so
     far where rows have factors of their own (None without the guard)."""
+    from hf_adahessian.optimizer import stale_factors
+
     state = opt.state.get(p, {})
     if "grad_norm_avg" not in state:
         return None
-    beta1 = opt.param_groups[0]["betas"][0]
-    current = state["grad_norm_avg"] / (1 - beta1 ** state["step"])
-    if "row_grad_norm_at_estimate" in state:
+    factors = stale_factors(state, opt.param_groups[0]["betas"][0])
+    if not isinstance(factors, float):
         seen = state["row_hessian_steps"] > 0
-        reference = state["row_grad_norm_at_estimate"][seen]
-        return float((current / reference[reference > 0]).clamp(min=1.0).mean()) if bool(seen.any()) else 1.0
-    reference = state.get("grad_norm_at_estimate", 0.0)
-    return max(1.0, current / reference) if reference > 0 else 1.0
+        return float(factors[seen].mean()) if bool(seen.any()) else 1.0
+    return factors
 
 
 def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:

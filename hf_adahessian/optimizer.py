@@ -438,16 +438,13 @@ class AdaHessian(Optimizer):
         only the frequent rows.  Rows never estimated, which take the mean v̂ of those seen,
         follow the tensor's latest estimate.
         """
-        ema = beta1 * state.get("grad_norm_avg", 0.0) + (1 - beta1) * grad_norm
-        state["grad_norm_avg"] = ema
-        current = ema / (1 - beta1 ** state["step"])
+        state["grad_norm_avg"] = beta1 * state.get("grad_norm_avg", 0.0) + (1 - beta1) * grad_norm
+        current = _running_grad_scale(state, beta1)
         if "row_hessian_steps" in state:
-            return _row_stale_factors(state, current, estimated, rows, hessian_power)
-        if estimated or "grad_norm_at_estimate" not in state:
+            _refresh_row_references(state, current, estimated, rows)
+        elif estimated or "grad_norm_at_estimate" not in state:
             state["grad_norm_at_estimate"] = current
-            return 1.0
-        reference = state["grad_norm_at_estimate"]
-        return max(1.0, current / reference) ** hessian_power if reference > 0 else 1.0
+        return stale_factors(state, beta1, hessian_power)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -520,9 +517,13 @@ class AdaHessian(Optimizer):
         self.__dict__.setdefault("_estimate", None)
 
 
-def _row_stale_factors(state: dict, current: float, estimated: bool, rows: torch.Tensor | None,
-                       hessian_power: float) -> torch.Tensor:
-    """The stale guard's factor per row: the gradient's scale now over its scale at the row's last estimate."""
+def _running_grad_scale(state: dict, beta1: float) -> float:
+    """The bias-corrected running average of a parameter's gradient norm (``stale_guard``)."""
+    return state["grad_norm_avg"] / (1 - beta1 ** state["step"])
+
+
+def _refresh_row_references(state: dict, current: float, estimated: bool, rows: torch.Tensor | None) -> None:
+    """Each row's reference scale: the running gradient scale at the row's own last estimate."""
     row_steps = state["row_hessian_steps"]
     reference = state.get("row_grad_norm_at_estimate")
     if reference is None:  # rows are counted apart from now on; until now every estimate saw them all
@@ -533,8 +534,18 @@ def _row_stale_factors(state: dict, current: float, estimated: bool, rows: torch
     elif estimated:
         # Rows never seen take the mean v̂ of the rows seen, which this estimate refreshed.
         reference.masked_fill_(rows | (row_steps == 0), current)
-    factors = torch.where(reference > 0, current / reference, 1.0).clamp_(min=1.0)
-    return factors if hessian_power == 1.0 else factors.pow_(hessian_power)
+
+
+def stale_factors(state: dict, beta1: float, hessian_power: float = 1.0) -> float | torch.Tensor:
+    """The stale guard's factor on a parameter's denominator, from its state: the running gradient scale
+    now over the one at the last estimate, at least 1; one per row where rows are counted apart."""
+    current = _running_grad_scale(state, beta1)
+    if "row_grad_norm_at_estimate" in state:
+        reference = state["row_grad_norm_at_estimate"]
+        factors = torch.where(reference > 0, current / reference, 1.0).clamp_(min=1.0)
+        return factors if hessian_power == 1.0 else factors.pow_(hessian_power)
+    reference = state["grad_norm_at_estimate"]
+    return max(1.0, current / reference) ** hessian_power if reference > 0 else 1.0
 
 
 def _absent_rows(p: torch.Tensor) -> torch.Tensor:
