@@ -21,8 +21,9 @@ coordinate moves, which a damped or stale denominator changes without any outlie
 tensor holding most of the step's squared length, with its share.  For the word embedding, whose
 rows an estimate refreshes only when their tokens are in its batch, it splits the squared step by
 when each row was last estimated (never, on the latest Hessian step, on an earlier one after the
-dense warm-up, in the warm-up), and records the stale guard's factor on its denominator (the mean over
-the rows estimated so far, each row having its own).
+dense warm-up, in the warm-up) and by how many estimates its v̂ rests on (the optimizer's row counts),
+and records the stale guard's factor on its denominator (the mean over the rows estimated so far, each
+row having its own).
 The summary gives, per setting, the largest |Δθ|/lr in steps 2–10, 11–50 and 51 to the end,
 how many coordinate steps exceeded 10 lr there, the mean RMS step there, the mean loss of the
 last 10 steps and the dev accuracy on ``--max_eval_samples`` sentences.
@@ -94,6 +95,8 @@ def encode(tokenizer, rows: list[dict]) -> dict:
 
 
 ROW_AGES = ("never", "latest", "earlier", "warmup")
+# Bins of a row's estimate count, (label, least, most): a v̂ from one or two estimates is a noisy one.
+ROW_COUNTS = (("1", 1, 1), ("2", 2, 2), ("3–5", 3, 5), ("6+", 6, None))
 
 
 def row_age_shares(row_squares, last_estimate, latest: int, dense_until: int) -> dict[str, float]:
@@ -108,6 +111,25 @@ def row_age_shares(row_squares, last_estimate, latest: int, dense_until: int) ->
              "earlier": (last_estimate > dense_until) & (last_estimate != latest),
              "warmup": (last_estimate > 0) & (last_estimate <= dense_until) & (last_estimate != latest)}
     return {age: float(row_squares[mask].sum()) / total if total else 0.0 for age, mask in masks.items()}
+
+
+def row_count_shares(row_squares, counts) -> dict[str, float]:
+    """The share of a tensor's squared step in rows by how many estimates their v̂ rests on (rows never
+    estimated are left out: ``row_age_shares`` has them)."""
+    total = float(row_squares.sum())
+    return {label: float(row_squares[(counts >= least) & ((counts <= most) if most else True)].sum()) / total
+            if total else 0.0 for label, least, most in ROW_COUNTS}
+
+
+def row_counts(opt, p, rows: int):
+    """Per row of ``p`` the estimates its v̂ rests on: the optimizer's own row counts, or the tensor's count
+    while every estimate has seen every row."""
+    import torch
+
+    state = opt.state.get(p, {})
+    if "row_hessian_steps" in state:
+        return state["row_hessian_steps"]
+    return torch.full((rows,), float(state.get("hessian_step", 0)))
 
 
 def guard_factor(opt, p) -> float | None:
@@ -171,12 +193,13 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
             latest = step + 1
             last_estimate[batch["input_ids"].unique()] = latest
         moves, over, squares, count = [], {t: 0 for t in THRESHOLDS}, {}, 0
-        ages = None
+        ages = counts = None
         for (n, p), b in zip(named, before):
             delta = (p.detach() - b).abs_()
             if p is embedding:
-                ages = row_age_shares(delta.double().square().sum(dim=1), last_estimate, latest,
-                                      opt.hessian_warmup)
+                row_squares = delta.double().square().sum(dim=1)
+                ages = row_age_shares(row_squares, last_estimate, latest, opt.hessian_warmup)
+                counts = row_count_shares(row_squares, row_counts(opt, p, row_squares.shape[0]))
             moves.append((delta.max().item(), n))
             squares[n] = float(delta.double().square().sum())
             count += delta.numel()
@@ -196,7 +219,8 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
                       # how many coordinates moved by more than t learning rates (Adam's |m̂/√v̂| is ~1 at most)
                       **{f"coords_over_{t}_lr": over[t] for t in THRESHOLDS},
                       # the word embedding's squared step by when its rows were last estimated
-                      "embedding_share_by_age": ages, "embedding_guard_factor": guard_factor(opt, embedding)})
+                      "embedding_share_by_age": ages, "embedding_share_by_count": counts,
+                      "embedding_guard_factor": guard_factor(opt, embedding)})
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             ratio = steps[-1]["max_update_over_lr"]
             print(f"  step {step + 1:4d} {'H' if hessian else '.'} loss {loss.item():.3f} "
@@ -243,14 +267,20 @@ def window_heaviest(steps: list[dict], first: int, last: int | None) -> str:
 
 
 def window_ages(steps: list[dict], first: int, last: int | None) -> str:
-    """The word embedding's squared step by when its rows were last estimated, each share averaged over
-    the window's steps, and the mean stale-guard factor on its denominator where the guard is on."""
+    """The word embedding's squared step by when its rows were last estimated and by how many estimates
+    their v̂ rests on, each share averaged over the window's steps, and the mean stale-guard factor on its
+    denominator where the guard is on."""
     inside = [s for s in steps if s.get("embedding_share_by_age") and first <= s["step"]
               and (last is None or s["step"] <= last)]
     if not inside:
         return "–"
     text = " · ".join(f"{age} {sum(s['embedding_share_by_age'][age] for s in inside) / len(inside):.0%}"
                       for age in ROW_AGES)
+    with_counts = [s for s in inside if s.get("embedding_share_by_count")]
+    if with_counts:
+        text += "; by estimates " + " · ".join(
+            f"{label} {sum(s['embedding_share_by_count'][label] for s in with_counts) / len(with_counts):.0%}"
+            for label, _, _ in ROW_COUNTS)
     factors = [s["embedding_guard_factor"] for s in inside if s.get("embedding_guard_factor") is not None]
     return text + (f"; guard ×{sum(factors) / len(factors):.2f}" if factors else "")
 

@@ -103,6 +103,12 @@ class AdaHessian(Optimizer):
             so that a stale, too small curvature does not drive steps the fresh one would not;
             per row where an estimate sees only some rows (embeddings: since the row's own last
             estimate). Inert where every row is estimated on every step.
+        min_row_estimates: where an estimate sees only some rows (embeddings), a row whose v̂
+            rests on fewer estimates than this takes at least the mean v̂ of the rows estimated,
+            as a row never estimated takes it: one Hz of a rare token's row is a noisy, often
+            near-zero reading, and between lazy estimates its m̂ would run on it for many steps.
+            1, the default, floors only the rows never estimated (whose v is 0).  Under
+            ``time_weighted`` a row's count is the steps its estimates stand for.
         update_clip: bound each coordinate's m̂/denominator to [−c, c] (as Sophia does), so a
             step moves no coordinate by more than lr·c; None: unbounded (the paper's).
         time_weighted: weight each estimate in v by the steps it stands for (1 in the warm-up,
@@ -137,6 +143,7 @@ class AdaHessian(Optimizer):
         hessian_interval: int = 1,
         hessian_warmup: int = 0,
         stale_guard: bool = False,
+        min_row_estimates: int = 1,
         update_clip: float | None = None,
         time_weighted: bool = False,
         n_samples: int = 1,
@@ -151,7 +158,7 @@ class AdaHessian(Optimizer):
         try:
             check_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, block_size)
             check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step,
-                                            hessian_warmup, update_clip)
+                                            hessian_warmup, update_clip, min_row_estimates)
         except HyperparameterError as err:
             raise ValueError(f"AdaHessian: {err}") from None
         defaults = dict(
@@ -162,6 +169,7 @@ class AdaHessian(Optimizer):
         self.hessian_interval = hessian_interval
         self.hessian_warmup = hessian_warmup
         self.stale_guard = stale_guard
+        self.min_row_estimates = min_row_estimates
         self.update_clip = update_clip
         self.time_weighted = bool(time_weighted)
         self.n_samples = n_samples
@@ -338,7 +346,8 @@ class AdaHessian(Optimizer):
             adahessian(
                 *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
-                update_clip=self.update_clip, v_weight=v_weight, foreach=group["foreach"],
+                update_clip=self.update_clip, min_row_estimates=self.min_row_estimates, v_weight=v_weight,
+                foreach=group["foreach"],
             )
         return loss
 
@@ -608,6 +617,7 @@ def adahessian(
     weight_decay: float,
     hessian_power: float,
     update_clip: float | None = None,
+    min_row_estimates: int = 1,
     v_weight: int = 1,
     foreach: bool | None = None,
 ) -> None:
@@ -623,7 +633,8 @@ def adahessian(
     parameter whose v has never been updated only accumulates momentum: with
     v = 0 its step would be m/eps.  ``denominator_scales[i]`` multiplies parameter i's
     (√v̂)^k (the stale guard; 1 by default; one factor per row where rows are counted
-    apart); ``update_clip`` bounds m̂/denominator.
+    apart); ``update_clip`` bounds m̂/denominator.  A row counted apart with fewer than
+    ``min_row_estimates`` estimates takes at least the mean v̂ of the rows estimated.
     ``v_weight`` w: the steps this step's estimates stand for; v decays by β2^w and takes
     1 − β2^w of D² (``time_weighted``; 1 is the paper's EMA).
     """
@@ -634,7 +645,8 @@ def adahessian(
     fn = _multi_tensor_adahessian if foreach else _single_tensor_adahessian
     fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_hessian_steps, steps,
        hessian_steps, denominator_scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-       hessian_power=hessian_power, update_clip=update_clip, beta2_now=beta2 if v_weight == 1 else beta2**v_weight)
+       hessian_power=hessian_power, update_clip=update_clip, min_row_estimates=min_row_estimates,
+       beta2_now=beta2 if v_weight == 1 else beta2**v_weight)
 
 
 def _power_plus_eps_(v_hat: torch.Tensor, hessian_power: float, eps: float,
@@ -673,8 +685,9 @@ def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta
 
 
 def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2: float, hessian_power: float,
-                 eps: float, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """scale·(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen.
+                 eps: float, scale: float | torch.Tensor = 1.0, min_row_estimates: int = 1) -> torch.Tensor:
+    """scale·(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen,
+    and rows with fewer than ``min_row_estimates`` estimates at least that.
 
     One parameter-sized buffer, as for the plain rule: the per-row work is on row-sized vectors.
     """
@@ -688,19 +701,22 @@ def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2:
     v_hat = v.div(_row_view(correction, v))
     # A sharded (FSDP2) tensor's reductions are completed across the shards (_whole), so that every
     # rank takes the same branch and the same fallback.
-    if v_hat.dim() == 0 or bool(_whole(seen.all())):
+    floored = row_steps < max(min_row_estimates, 1)
+    if v_hat.dim() == 0 or not bool(_whole(floored.any())):
         return _power_plus_eps_(v_hat, hessian_power, eps, scale)
     # Masks rather than indexing, so that a sharded tensor reduces across its shards; the mean is
     # a host scalar, as the coverage test above already is.
     row_sums = v_hat.reshape(v_hat.shape[0], -1).sum(dim=1)
     row_width = v_hat.numel() // v_hat.shape[0]
     fallback = float(_whole(torch.where(seen, row_sums, 0.0).sum())) / (float(_whole(seen.sum())) * row_width)
-    v_hat.masked_fill_(_row_view(seen.logical_not(), v_hat), fallback)
+    # A row never seen has v̂ = 0, so the floor puts the fallback in its place exactly.
+    torch.maximum(v_hat, _row_view(torch.where(floored, fallback, 0.0), v_hat), out=v_hat)
     return _power_plus_eps_(v_hat, hessian_power, eps, scale)
 
 
 def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, scales, *,
-                              lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, beta2_now=None):
+                              lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, min_row_estimates=1,
+                              beta2_now=None):
     beta2_now = beta2 if beta2_now is None else beta2_now
     for p, g, m, v, d, rows, counts, t, s, scale in zip(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps,
                                                         steps, hsteps, scales):
@@ -712,7 +728,7 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, ro
         p32 = p if p.dtype == _state_dtype(p) else p.float()
         if weight_decay:
             p32.mul_(1 - lr * weight_decay)
-        denom = _denominator(v, s, counts, beta2, hessian_power, eps, scale)
+        denom = _denominator(v, s, counts, beta2, hessian_power, eps, scale, min_row_estimates)
         if update_clip is None:
             p32.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
         else:
@@ -723,7 +739,8 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, ro
 
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, scales, *,
-                             lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, beta2_now=None):
+                             lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, min_row_estimates=1,
+                             beta2_now=None):
     beta2_now = beta2 if beta2_now is None else beta2_now
     # Tensors whose rows were seen unevenly (embeddings under partial coverage) are few:
     # they take the for-loop; the rest go through the foreach kernels.
@@ -733,7 +750,8 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
         _single_tensor_adahessian(*(pick(xs) for xs in (params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps,
                                                         steps, hsteps, scales)),
                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                  hessian_power=hessian_power, update_clip=update_clip, beta2_now=beta2_now)
+                                  hessian_power=hessian_power, update_clip=update_clip,
+                                  min_row_estimates=min_row_estimates, beta2_now=beta2_now)
         even = [i for i in range(len(params)) if i not in set(uneven)]
         params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales = (
             [xs[i] for i in even] for xs in (params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales))

@@ -73,12 +73,13 @@ FD_SCHEMES = ("forward", "central")
 
 
 def check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step,
-                                    hessian_warmup=0, update_clip=None) -> None:
+                                    hessian_warmup=0, update_clip=None, min_row_estimates=1) -> None:
     """What belongs to the optimizer as a whole."""
     check_int("hessian_interval", hessian_interval)
     check_int("hessian_warmup", hessian_warmup, minimum=0)
     check("update_clip", update_clip is None or (_is_number(update_clip) and 0 < update_clip < math.inf),
           update_clip, "a finite positive number (or None: unbounded)")
+    check_int("min_row_estimates", min_row_estimates)
     check_int("n_samples", n_samples)
     check("hessian_estimator", hessian_estimator in ESTIMATORS, hessian_estimator,
           " or ".join(repr(e) for e in ESTIMATORS))

@@ -72,6 +72,30 @@ def test_the_embedding_step_is_split_by_when_each_row_was_last_estimated():
     assert row_age_shares(torch.zeros(4, dtype=torch.float64), last, 36, 15)["never"] == 0.0
 
 
+def test_the_embedding_step_is_split_by_how_many_estimates_each_row_rests_on():
+    import torch
+
+    from benchmarks.lazy_trace import row_count_shares
+
+    squares = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0], dtype=torch.float64)
+    counts = torch.tensor([1.0, 2.0, 5.0, 40.0, 0.0])  # the last row, never estimated, is in no bin
+    assert row_count_shares(squares, counts) == pytest.approx({"1": 0.05, "2": 0.1, "3–5": 0.15, "6+": 0.2})
+
+
+def test_the_row_counts_are_the_optimizers_own_or_the_tensors_count_for_every_row():
+    import types
+
+    import torch
+
+    from benchmarks.lazy_trace import row_counts
+
+    p, q = torch.zeros(3, 2), torch.zeros(3, 2)
+    opt = types.SimpleNamespace(state={p: {"hessian_step": 4, "row_hessian_steps": torch.tensor([0.0, 1.0, 4.0])},
+                                       q: {"hessian_step": 4}})
+    assert row_counts(opt, p, 3).tolist() == [0.0, 1.0, 4.0]
+    assert row_counts(opt, q, 3).tolist() == [4.0, 4.0, 4.0]
+
+
 def test_the_window_summary_averages_the_age_shares_and_the_guard_factor():
     from benchmarks.lazy_trace import window_ages
 
@@ -81,6 +105,11 @@ def test_the_window_summary_averages_the_age_shares_and_the_guard_factor():
               "embedding_guard_factor": 3.0}]
     assert window_ages(steps, 2, 3) == "never 0% · latest 25% · earlier 50% · warmup 25%; guard ×2.00"
     assert window_ages(steps, 4, None) == "–"
+    counts = {"1": 0.5, "2": 0.0, "3–5": 0.0, "6+": 0.5}
+    steps[0]["embedding_share_by_count"] = counts
+    steps[1]["embedding_share_by_count"] = {**counts, "1": 0.0, "2": 0.5}
+    assert window_ages(steps, 2, 3) == ("never 0% · latest 25% · earlier 50% · warmup 25%; "
+                                        "by estimates 1 25% · 2 25% · 3–5 0% · 6+ 50%; guard ×2.00")
 
 
 def test_the_guard_factor_is_the_gradient_growth_since_the_estimate_per_tensor_or_averaged_over_seen_rows():

@@ -846,6 +846,44 @@ def test_a_row_never_observed_is_divided_by_the_mean_curvature_of_the_rows_seen_
     assert torch.equal(model.emb[4:].detach(), before[4:])  # no gradient, no estimate: untouched
 
 
+def test_a_row_with_fewer_estimates_than_min_row_estimates_takes_at_least_the_mean_curvature_of_the_rows_seen():
+    """Every step a Hessian step; step 1 sees rows 0 and 1, step 2 rows 1 and 2.  With min_row_estimates=2,
+    rows 0 and 2 (one estimate each) are divided by √max(own v̂, mean v̂ of rows 0–2), row 1 (two) by its
+    own, and a dense tensor is untouched by the setting.  β1 = 0, so m̂ is the gradient."""
+    lr, eps = 0.01, 1e-4
+
+    def run(min_row_estimates):
+        model = _Bag()
+        opt = AdaHessian(model.parameters(), lr=lr, betas=(0.0, 0.9), eps=eps, min_row_estimates=min_row_estimates,
+                         seed=0)
+        _bag_step(model, opt, [0, 1])
+        head_after_one = model.head.detach().clone()
+        opt.zero_grad()
+        _backward_for(opt, model(torch.tensor([1, 2]), 1.0))
+        grad, before = model.emb.grad.detach().clone(), model.emb.detach().clone()
+        opt.step()
+        return model, opt, head_after_one, grad, before
+
+    model, opt, head, grad, before = run(2)
+    state = opt.state[model.emb]
+    counts = state["row_hessian_steps"]
+    assert counts.tolist() == [1, 2, 1, 0, 0, 0]
+    v_hat = state["exp_hessian_diag_sq"][:3] / (1 - 0.9 ** counts[:3, None])
+    mean = v_hat.mean()
+    floored = torch.where(counts[:3, None] < 2, v_hat.clamp(min=mean), v_hat)
+    assert (v_hat[[0, 2]] < mean).any() and (v_hat[[0, 2]] > mean).any()  # the floor binds on some coordinates
+    expected = -lr * grad[:3] / (floored.sqrt() + eps)
+    # to the parameters' fp32 rounding (half an ulp of 0.5 is 3e-8)
+    torch.testing.assert_close(model.emb.detach()[:3] - before[:3], expected, rtol=1e-5, atol=6e-8)
+    _, _, head_unfloored, _, _ = run(1)
+    assert torch.equal(head, head_unfloored)
+
+
+def test_min_row_estimates_is_refused_below_one():
+    with pytest.raises(ValueError, match="min_row_estimates"):
+        AdaHessian([torch.nn.Parameter(torch.zeros(2))], min_row_estimates=0)
+
+
 def test_the_stale_guard_scales_each_row_by_the_growth_since_its_own_last_estimate():
     """Interval 2 (Hessian steps 1, 3): step 1 estimates rows 0 and 1, then the loss grows tenfold (a head
     growing) and step 3 estimates row 1 alone.  On step 4 row 1's denominator is scaled by the gradient's

@@ -59,9 +59,11 @@ TRAINER_CASES = {
     # Accumulation: every micro-batch of a Hessian step is reduced (fsdp_gradient_sync), the others are not.
     "trainer_fd_i2_ga2_fp64": dict(optim="adahessian", learning_rate=0.05, dtype=torch.float64, grad_acc=2,
                                    optim_args="hessian_interval=2,hessian_estimator=finite_difference"),
-    # The stale guard (its gradient norms completed across the shards), interval 2.
+    # The stale guard (its gradient norms completed across the shards) and the floor on rows with few estimates
+    # (its mean too), interval 2.
     "trainer_fd_i2_sg_fp64": dict(optim="adahessian", learning_rate=0.05, dtype=torch.float64, grad_acc=1,
-                                  optim_args="hessian_interval=2,hessian_estimator=finite_difference,stale_guard=true"),
+                                  optim_args="hessian_interval=2,hessian_estimator=finite_difference,stale_guard=true,"
+                                             "min_row_estimates=3"),
     "trainer_fd": dict(optim="adahessian", learning_rate=0.05, optim_args=FD + ",eps=1e-2", grad_acc=1),
 }
 # Resume under FSDP2: 4 steps saving at step 2 (the sharded optimizer state through accelerate's
