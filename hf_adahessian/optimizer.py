@@ -105,10 +105,11 @@ class AdaHessian(Optimizer):
             estimate). Inert where every row is estimated on every step.
         min_row_estimates: where an estimate sees only some rows (embeddings), a row whose v̂
             rests on fewer estimates than this takes at least the mean v̂ of the rows estimated,
-            as a row never estimated takes it: one Hz of a rare token's row is a noisy, often
-            near-zero reading, and between lazy estimates its m̂ would run on it for many steps.
-            1, the default, floors only the rows never estimated (whose v is 0).  Under
-            ``time_weighted`` a row's count is the steps its estimates stand for.
+            as a row never estimated takes it (one Hz of a rare token's row is a noisy reading).
+            1, the default, floors only the rows never estimated (whose v is 0).  Measured on
+            fine-tuning it over-damps (BENCHMARKS.md): the mean is the frequent tokens' curvature,
+            and the rows estimated once are where fine-tuning learns.  Under ``time_weighted`` a
+            row's count is the steps its estimates stand for.
         update_clip: bound each coordinate's m̂/denominator to [−c, c] (as Sophia does), so a
             step moves no coordinate by more than lr·c; None: unbounded (the paper's).
         time_weighted: weight each estimate in v by the steps it stands for (1 in the warm-up,
