@@ -126,10 +126,12 @@ def row_counts(opt, p, rows: int):
     while every estimate has seen every row."""
     import torch
 
+    from hf_adahessian.optimizer import estimate_count
+
     state = opt.state.get(p, {})
     if "row_hessian_steps" in state:
         return state["row_hessian_steps"]
-    return torch.full((rows,), float(state.get("hessian_step", 0)))
+    return torch.full((rows,), float(estimate_count(state)) if state else 0.0)
 
 
 def guard_factor(opt, p) -> float | None:

@@ -411,7 +411,7 @@ class AdaHessian(Optimizer):
                 if rows is not None and "row_hessian_steps" not in state:
                     # The first step that saw only some rows: from now on each row counts its own.
                     state["row_hessian_steps"] = torch.full_like(
-                        rows, float(state.get("hessian_weight", state["hessian_step"])), dtype=torch.float32)
+                        rows, float(estimate_count(state)), dtype=torch.float32)
                 state["hessian_step"] += 1
                 if self.time_weighted:
                     state["hessian_weight"] = state.get("hessian_weight", state["hessian_step"] - 1) + v_weight
@@ -429,8 +429,7 @@ class AdaHessian(Optimizer):
             rows_seen.append(rows)
             row_steps.append(state.get("row_hessian_steps"))
             steps.append(state["step"])
-            hsteps.append(state.get("hessian_weight", state["hessian_step"]) if self.time_weighted
-                          else state["hessian_step"])
+            hsteps.append(estimate_count(state) if self.time_weighted else state["hessian_step"])
         return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales
 
     @staticmethod
@@ -525,6 +524,12 @@ class AdaHessian(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_estimate", None)
+
+
+def estimate_count(state: dict) -> float:
+    """What a parameter's v̂ rests on, its bias correction's exponent: the count of estimates, or under
+    ``time_weighted`` the steps they stand for."""
+    return state.get("hessian_weight", state["hessian_step"])
 
 
 def _running_grad_scale(state: dict, beta1: float) -> float:
