@@ -24,6 +24,9 @@ when each row was last estimated (never, on the latest Hessian step, on an earli
 dense warm-up, in the warm-up) and by how many estimates its v̂ rests on (the optimizer's row counts),
 and records the stale guard's factor on its denominator (the mean over the rows estimated so far, each
 row having its own).
+A setting may also say how the word embedding itself is trained (``embedding=adahessian``, the default,
+``embedding=adamw`` with ``embedding_lr``, default 1e-4, AdamW's SST-2 lr, under the same linear schedule,
+or ``embedding=frozen``): it tells whether the lazy run loses on the embedding's rows or on the body.
 The summary gives, per setting, the largest |Δθ|/lr in steps 2–10, 11–50 and 51 to the end,
 how many coordinate steps exceeded 10 lr there, the mean RMS step there, the mean loss of the
 last 10 steps and the dev accuracy on ``--max_eval_samples`` sentences.
@@ -50,6 +53,9 @@ DEFAULT_SETTINGS = ("h1=hessian_interval=1;h10=hessian_interval=10;"
                     "h10_w15_tw=hessian_interval=10,hessian_warmup=15,time_weighted=true;"
                     "h10_w15_clip1=hessian_interval=10,hessian_warmup=15,update_clip=1.0")
 WINDOWS = ((2, 10), (11, 50), (51, None))
+# Setting keys that are the trace's, not AdaHessian's: how the word embedding is trained.
+EMBEDDING_MODES = ("adahessian", "adamw", "frozen")
+EMBEDDING_LR = 1e-4
 THRESHOLDS = (1, 10)
 
 
@@ -69,6 +75,9 @@ def parse_settings(text: str) -> dict[str, dict]:
                 kwargs[key.strip()] = json.loads(value)
             except json.JSONDecodeError:
                 kwargs[key.strip()] = value
+        if kwargs.get("embedding", EMBEDDING_MODES[0]) not in EMBEDDING_MODES:
+            raise argparse.ArgumentTypeError(f"embedding={kwargs['embedding']!r} in {part!r}: accepted "
+                                             f"{', '.join(EMBEDDING_MODES)}")
         settings[name.strip()] = kwargs
     if not settings:
         raise argparse.ArgumentTypeError("give at least one setting")
@@ -149,6 +158,26 @@ def guard_factor(opt, p) -> float | None:
     return factors
 
 
+def split_embedding(kwargs: dict, model) -> tuple[dict, list, object | None, float]:
+    """The setting's AdaHessian kwargs (less the trace's own keys), the parameters AdaHessian trains, and the
+    word embedding's own optimizer (AdamW, or None), with its lr.
+
+    ``embedding=frozen`` turns the embedding's ``requires_grad`` off; ``embedding=adamw`` leaves it to AdamW, so
+    AdaHessian neither estimates nor steps it.
+    """
+    import torch
+
+    kwargs = dict(kwargs)
+    mode = kwargs.pop("embedding", "adahessian")
+    lr = float(kwargs.pop("embedding_lr", EMBEDDING_LR))
+    embedding = model.get_input_embeddings().weight
+    if mode == "frozen":
+        embedding.requires_grad_(False)
+    body = [p for p in model.parameters() if p.requires_grad and (mode != "adamw" or p is not embedding)]
+    extra = torch.optim.AdamW([embedding], lr=lr, weight_decay=0.0) if mode == "adamw" else None
+    return kwargs, body, extra, lr
+
+
 def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
@@ -159,10 +188,13 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
     torch.manual_seed(args.seed)  # the same fresh head for every setting
     model = AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=2)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    adahessian_kwargs, body, extra, _ = split_embedding(kwargs, model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = AdaHessian([p for _, p in named], lr=args.lr, weight_decay=0.0, seed=args.seed, **kwargs)
-    schedule = get_scheduler("linear", opt, num_warmup_steps=args.warmup, num_training_steps=args.steps)
+    opt = AdaHessian(body, lr=args.lr, weight_decay=0.0, seed=args.seed, **adahessian_kwargs)
+    schedules = [get_scheduler("linear", o, num_warmup_steps=args.warmup, num_training_steps=args.steps)
+                 for o in (opt, extra) if o is not None]
     embedding = model.get_input_embeddings().weight
+    others = [] if extra is None else [embedding]
     last_estimate = torch.zeros(embedding.shape[0], dtype=torch.long)
     latest = 0
     steps, start = [], time.perf_counter()
@@ -173,13 +205,21 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
         hessian = opt.is_hessian_step()
         lr = opt.param_groups[0]["lr"]
         if hessian and opt.hessian_estimator == "finite_difference":
+            first = []  # the embedding's gradient at θ, for AdamW: the perturbed calls overwrite .grad
+
             def closure():
                 opt.zero_grad(set_to_none=True)
+                for p in others:
+                    p.grad = None
                 closure_loss = model(**batch).loss
                 closure_loss.backward()
+                if not first:
+                    first.extend(p.grad for p in others)
                 return closure_loss
 
             loss = opt.step(closure)
+            for p, g in zip(others, first):
+                p.grad = g
         else:
             if hessian:
                 with double_backward_ready(model):
@@ -189,8 +229,12 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
                 loss = model(**batch).loss
                 loss.backward()
             opt.step()
+        if extra is not None:
+            extra.step()
+            extra.zero_grad(set_to_none=True)
         opt.zero_grad(set_to_none=True)
-        schedule.step()
+        for schedule in schedules:
+            schedule.step()
         if hessian:
             latest = step + 1
             last_estimate[batch["input_ids"].unique()] = latest
@@ -296,7 +340,7 @@ def coords_over(steps: list[dict], first: int, last: int | None, threshold: int 
 def main() -> None:
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p, "6 steps of h1 and h10 on 64 dev sentences, written to a temporary folder (CI)")
+    _common(p, "6 steps of h1, h10 and h10 with an AdamW embedding on 64 dev sentences, written to a temporary folder (CI)")
     p.add_argument("--settings", type=parse_settings, default=None,
                    help=f"name=key=value,...;name=... AdaHessian keyword arguments (default: {DEFAULT_SETTINGS})")
     p.add_argument("--steps", type=int, default=150)
@@ -309,7 +353,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.log_every = 6, 2, 1
         args.max_eval_samples = args.max_eval_samples or 64
-        args.settings = args.settings or parse_settings("h1=hessian_interval=1;h10=hessian_interval=10")
+        args.settings = args.settings or parse_settings(
+            "h1=hessian_interval=1;h10=hessian_interval=10;h10_emb_adamw=hessian_interval=10,embedding=adamw")
     settings = args.settings or parse_settings(DEFAULT_SETTINGS)
 
     import torch

@@ -15,7 +15,7 @@ def test_settings_parse_into_adahessian_keyword_arguments():
     assert list(parse_settings(DEFAULT_SETTINGS)) == ["h1", "h10", "h10_w15", "h10_w15_sg", "h10_w15_tw", "h10_w15_clip1"]
 
 
-@pytest.mark.parametrize("text", ["", "h10", "h10=hessian_interval"])
+@pytest.mark.parametrize("text", ["", "h10", "h10=hessian_interval", "h10=hessian_interval=10,embedding=sgd"])
 def test_malformed_settings_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_settings(text)
@@ -129,3 +129,43 @@ def test_the_guard_factor_is_the_gradient_growth_since_the_estimate_per_tensor_o
     assert guard_factor(opt, p) == 4.0
     assert guard_factor(opt, q) == 2.5  # rows 0 and 1: 4/1 and max(1, 4/8); row 2 never estimated
     assert guard_factor(opt, r) is None
+
+
+def _tiny_model():
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(7, 3)
+            self.head = torch.nn.Linear(3, 2)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    return Tiny()
+
+
+@pytest.mark.parametrize("mode", ["adahessian", "adamw", "frozen"])
+def test_the_word_embedding_is_trained_by_adahessian_by_adamw_or_not_at_all(mode):
+    from benchmarks.lazy_trace import EMBEDDING_LR, split_embedding
+
+    model = _tiny_model()
+    kwargs, body, extra, lr = split_embedding({"hessian_interval": 20, "embedding": mode}, model)
+    assert kwargs == {"hessian_interval": 20}  # the trace's keys never reach AdaHessian
+    embedding, head = model.embed.weight, list(model.head.parameters())
+    in_body = any(p is embedding for p in body)
+    assert in_body == (mode == "adahessian")
+    assert all(any(p is q for q in body) for p in head)
+    assert embedding.requires_grad == (mode != "frozen")
+    if mode == "adamw":
+        assert extra.param_groups[0]["params"][0] is embedding and extra.param_groups[0]["lr"] == lr == EMBEDDING_LR
+    else:
+        assert extra is None
+
+
+def test_the_embeddings_adamw_takes_the_settings_learning_rate():
+    from benchmarks.lazy_trace import split_embedding
+
+    _, _, extra, lr = split_embedding({"embedding": "adamw", "embedding_lr": 3e-4}, _tiny_model())
+    assert lr == extra.param_groups[0]["lr"] == 3e-4
