@@ -305,10 +305,12 @@ def sophiah(interval: int, lr: float, grid) -> OptimizerSpec:
 
 
 def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_lr: float, sophia_grid,
-                          h1_note: str = "") -> dict[str, OptimizerSpec]:
+                          h1_note: str = "", h20: tuple[float, tuple] | None = None) -> dict[str, OptimizerSpec]:
     """The registry of a transformer trained from scratch (Multi30k, the LM): AdamW; AdaHessian with the
     authors' transformer recipe (|D| averaged over blocks of 32) at intervals 1 and 10 and by finite
-    differences, the last two at ``adahessian_h1_b32``'s lr; the peers and the plain-loop control."""
+    differences, the lazy rows at ``adahessian_h1_b32``'s lr (the every-20 schedule after 15 dense steps at
+    ``h20``'s (lr, grid) where the task searched it on its own); the peers and the plain-loop control."""
+    h20_lr, h20_grid = h20 or (lr, grid)
     followed = "lr not searched: adahessian_h1_b32's"
     return registry(
         adamw(adamw_lr, adamw_grid),
@@ -337,9 +339,10 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
                      hessian_estimator="finite_difference", note=followed)
           for warmup in (0, 5)),
         # ... and with a Hessian every 20 steps after 15 or 10 dense ones: fewer Hessian steps for the time target.
-        *(adahessian(20, lr, grid, block_size=32, hessian_warmup=warmup, stale_guard=True,
-                     hessian_estimator="finite_difference", note=followed)
-          for warmup in (15, 10)),
+        adahessian(20, h20_lr, h20_grid, block_size=32, hessian_warmup=15, stale_guard=True,
+                   hessian_estimator="finite_difference", note="lr searched on its own grid" if h20 else followed),
+        adahessian(20, lr, grid, block_size=32, hessian_warmup=10, stale_guard=True,
+                   hessian_estimator="finite_difference", note=followed),
         torch_optimizer_adahessian(lr, grid),
         pytorch_optimizer_adahessian(lr, grid),
         sophiah(1, sophia_lr, sophia_grid),

@@ -1,0 +1,22 @@
+"""The benchmarks' optimizer registries: what each row compares at."""
+
+import pytest
+
+from benchmarks import lm, multi30k, sst2
+
+
+@pytest.mark.parametrize("task", [sst2, multi30k, lm], ids=lambda m: m.NAME)
+def test_every_row_compares_at_a_learning_rate_from_its_own_grid(task):
+    off_grid = {name: (spec.lr, spec.grid) for name, spec in task.OPTIMIZERS.items() if spec.lr not in spec.grid}
+    assert not off_grid
+
+
+def test_the_every_20_schedule_compares_at_its_own_searched_rate_from_scratch_on_multi30k_only():
+    searched = multi30k.OPTIMIZERS["adahessian_h20_b32_fd_w15_sg"]
+    assert searched.lr == 0.05 and min(searched.grid) < searched.lr < max(searched.grid)  # inside its grid, not at an edge
+    # Its other rows, and the LM's every-20 row, keep adahessian_h1_b32's rate: none was searched on its own.
+    for registry in (multi30k.OPTIMIZERS, lm.OPTIMIZERS):
+        followed = [registry["adahessian_h20_b32_fd_w10_sg"]]
+        if registry is lm.OPTIMIZERS:
+            followed.append(registry["adahessian_h20_b32_fd_w15_sg"])
+        assert all(spec.lr == registry["adahessian_h1_b32"].lr for spec in followed)
