@@ -158,9 +158,9 @@ def guard_factor(opt, p) -> float | None:
     return factors
 
 
-def split_embedding(kwargs: dict, model) -> tuple[dict, list, object | None, float]:
+def split_embedding(kwargs: dict, model) -> tuple[dict, list, object | None]:
     """The setting's AdaHessian kwargs (less the trace's own keys), the parameters AdaHessian trains, and the
-    word embedding's own optimizer (AdamW, or None), with its lr.
+    word embedding's own optimizer (AdamW, or None).
 
     ``embedding=frozen`` turns the embedding's ``requires_grad`` off; ``embedding=adamw`` leaves it to AdamW, so
     AdaHessian neither estimates nor steps it.
@@ -169,13 +169,13 @@ def split_embedding(kwargs: dict, model) -> tuple[dict, list, object | None, flo
 
     kwargs = dict(kwargs)
     mode = kwargs.pop("embedding", "adahessian")
-    lr = float(kwargs.pop("embedding_lr", EMBEDDING_LR))
+    lr = float(kwargs.pop("embedding_lr", EMBEDDING_LR))  # read even when unused: never an AdaHessian kwarg
     embedding = model.get_input_embeddings().weight
     if mode == "frozen":
         embedding.requires_grad_(False)
     body = [p for p in model.parameters() if p.requires_grad and (mode != "adamw" or p is not embedding)]
     extra = torch.optim.AdamW([embedding], lr=lr, weight_decay=0.0) if mode == "adamw" else None
-    return kwargs, body, extra, lr
+    return kwargs, body, extra
 
 
 def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
@@ -188,7 +188,7 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
     torch.manual_seed(args.seed)  # the same fresh head for every setting
     model = AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=2)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-    adahessian_kwargs, body, extra, _ = split_embedding(kwargs, model)
+    adahessian_kwargs, body, extra = split_embedding(kwargs, model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = AdaHessian(body, lr=args.lr, weight_decay=0.0, seed=args.seed, **adahessian_kwargs)
     schedules = [get_scheduler("linear", o, num_warmup_steps=args.warmup, num_training_steps=args.steps)
@@ -242,7 +242,7 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
         ages = counts = None
         for (n, p), b in zip(named, before):
             delta = (p.detach() - b).abs_()
-            if p is embedding:
+            if p is embedding and extra is None:  # rows split by AdaHessian's estimates, where it trains them
                 row_squares = delta.double().square().sum(dim=1)
                 ages = row_age_shares(row_squares, last_estimate, latest, opt.hessian_warmup)
                 counts = row_count_shares(row_squares, row_counts(opt, p, row_squares.shape[0]))
@@ -340,7 +340,8 @@ def coords_over(steps: list[dict], first: int, last: int | None, threshold: int 
 def main() -> None:
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p, "6 steps of h1, h10 and h10 with an AdamW embedding on 64 dev sentences, written to a temporary folder (CI)")
+    _common(p, "6 steps of h1, h10 and h10 with an AdamW embedding on 64 dev sentences, written to a temporary "
+               "folder (CI)")
     p.add_argument("--settings", type=parse_settings, default=None,
                    help=f"name=key=value,...;name=... AdaHessian keyword arguments (default: {DEFAULT_SETTINGS})")
     p.add_argument("--steps", type=int, default=150)

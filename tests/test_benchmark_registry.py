@@ -13,7 +13,8 @@ def test_every_row_compares_at_a_learning_rate_from_its_own_grid(task):
 
 def test_the_every_20_schedule_compares_at_its_own_searched_rate_from_scratch_on_multi30k_only():
     searched = multi30k.OPTIMIZERS["adahessian_h20_b32_fd_w15_sg"]
-    assert searched.lr == 0.05 and min(searched.grid) < searched.lr < max(searched.grid)  # inside its grid, not at an edge
+    # Its own search's pick, inside its grid, not at an edge.
+    assert searched.lr == 0.05 and min(searched.grid) < searched.lr < max(searched.grid)
     # Its other rows, and the LM's every-20 row, keep adahessian_h1_b32's rate: none was searched on its own.
     for registry in (multi30k.OPTIMIZERS, lm.OPTIMIZERS):
         followed = [registry["adahessian_h20_b32_fd_w10_sg"]]

@@ -151,7 +151,7 @@ def test_the_word_embedding_is_trained_by_adahessian_by_adamw_or_not_at_all(mode
     from benchmarks.lazy_trace import EMBEDDING_LR, split_embedding
 
     model = _tiny_model()
-    kwargs, body, extra, lr = split_embedding({"hessian_interval": 20, "embedding": mode}, model)
+    kwargs, body, extra = split_embedding({"hessian_interval": 20, "embedding": mode}, model)
     assert kwargs == {"hessian_interval": 20}  # the trace's keys never reach AdaHessian
     embedding, head = model.embed.weight, list(model.head.parameters())
     in_body = any(p is embedding for p in body)
@@ -159,7 +159,7 @@ def test_the_word_embedding_is_trained_by_adahessian_by_adamw_or_not_at_all(mode
     assert all(any(p is q for q in body) for p in head)
     assert embedding.requires_grad == (mode != "frozen")
     if mode == "adamw":
-        assert extra.param_groups[0]["params"][0] is embedding and extra.param_groups[0]["lr"] == lr == EMBEDDING_LR
+        assert extra.param_groups[0]["params"] == [embedding] and extra.param_groups[0]["lr"] == EMBEDDING_LR
     else:
         assert extra is None
 
@@ -167,5 +167,5 @@ def test_the_word_embedding_is_trained_by_adahessian_by_adamw_or_not_at_all(mode
 def test_the_embeddings_adamw_takes_the_settings_learning_rate():
     from benchmarks.lazy_trace import split_embedding
 
-    _, _, extra, lr = split_embedding({"embedding": "adamw", "embedding_lr": 3e-4}, _tiny_model())
-    assert lr == extra.param_groups[0]["lr"] == 3e-4
+    _, _, extra = split_embedding({"embedding": "adamw", "embedding_lr": 3e-4}, _tiny_model())
+    assert extra.param_groups[0]["lr"] == 3e-4
