@@ -23,7 +23,7 @@ rows an estimate refreshes only when their tokens are in its batch, it splits th
 when each row was last estimated (never, on the latest Hessian step, on an earlier one after the
 dense warm-up, in the warm-up) and by how many estimates its v̂ rests on (the optimizer's row counts),
 and records the stale guard's factor on its denominator (the mean over the rows estimated so far, each
-row having its own).
+row having its own), as it records the factor on the tensor holding most of each step.
 A setting may also say how the word embedding itself is trained (``embedding=adahessian``, the default,
 ``embedding=adamw`` with ``embedding_lr``, default 1e-4, AdamW's SST-2 lr, under the same linear schedule,
 or ``embedding=frozen``): it tells whether the lazy run loses on the embedding's rows or on the body.
@@ -262,6 +262,8 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
                       "rms_update_over_lr": math.sqrt(total / count) / lr if lr > 0 else None,
                       # the tensor that holds most of the step's squared length, and how much of it
                       "heaviest_tensor": heaviest, "heaviest_share": squares[heaviest] / total if total else None,
+                      # the stale guard's factor on that tensor's denominator (None without the guard)
+                      "heaviest_guard_factor": guard_factor(opt, dict(named)[heaviest]),
                       # how many coordinates moved by more than t learning rates (Adam's |m̂/√v̂| is ~1 at most)
                       **{f"coords_over_{t}_lr": over[t] for t in THRESHOLDS},
                       # the word embedding's squared step by when its rows were last estimated
