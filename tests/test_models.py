@@ -39,17 +39,18 @@ from hf_adahessian.examples.models import (
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# Made up for these tests, in the style of an image-caption corpus; the shared data stays in ../shared.
 EN = [
-    "A man in a blue shirt is standing on a ladder.",
-    "Two dogs play in the snow.",
-    "A little girl climbs into a wooden playhouse.",
-    "Several men in hard hats are operating a giant pulley system.",
+    "A woman in a green coat is painting a fence.",
+    "Two cats nap on a warm windowsill.",
+    "A small boy carries a wooden boat to the pond.",
+    "Several cooks in white aprons are stirring a huge soup pot.",
 ]
 DE = [
-    "Ein Mann in einem blauen Hemd steht auf einer Leiter.",
-    "Zwei Hunde spielen im Schnee.",
-    "Ein kleines Mädchen klettert in ein Spielhaus aus Holz.",
-    "Mehrere Männer mit Schutzhelmen bedienen ein Antriebsradsystem.",
+    "Eine Frau in einem grünen Mantel streicht einen Zaun.",
+    "Zwei Katzen schlafen auf einer warmen Fensterbank.",
+    "Ein kleiner Junge trägt ein Holzboot zum Teich.",
+    "Mehrere Köche in weißen Schürzen rühren einen riesigen Suppentopf.",
 ]
 
 
@@ -95,6 +96,8 @@ def test_decoders_are_causal_lms_with_tied_embeddings_and_learn(folders, model_t
     batch = tokenizer(EN, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     opt = AdaHessian(model.parameters(), lr=0.05, seed=0)
+    # A short warm-up, as the recipes use: at the full lr the first step, on v̂ from one estimate, can overshoot.
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 4))
     model.train()
     losses = []
     for _ in range(8):
@@ -103,6 +106,7 @@ def test_decoders_are_causal_lms_with_tied_embeddings_and_learn(folders, model_t
             loss = model(**batch, labels=labels).loss
             opt.estimate().accumulate(loss)
         opt.step()
+        warmup.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
 
@@ -121,14 +125,14 @@ def test_untied_decoder_on_request(tmp_path):
 @pytest.mark.parametrize("model_type", ENCODER_TYPES)
 def test_encoder_tokenizer_is_uncased_wordpiece_with_pairs(folders, model_type):
     tokenizer = AutoTokenizer.from_pretrained(folders[model_type])
-    batch = tokenizer("Two DOGS play.", "Zwei Hunde.")
+    batch = tokenizer("Two CATS nap.", "Zwei Katzen.")
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"])
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and tokens.count("[SEP]") == 2
-    assert "dogs" in tokens  # lowercased
+    assert "cats" in tokens  # lowercased
     first_sep = tokens.index("[SEP]")
     assert batch["token_type_ids"] == [0] * (first_sep + 1) + [1] * (len(tokens) - first_sep - 1)
     assert tokenizer.mask_token == "[MASK]" and tokenizer.pad_token_id == 0
-    assert tokenizer.decode(batch["input_ids"], skip_special_tokens=True) == "two dogs play. zwei hunde."
+    assert tokenizer.decode(batch["input_ids"], skip_special_tokens=True) == "two cats nap. zwei katzen."
 
 
 @pytest.mark.parametrize("model_type", ENCODER_TYPES)
