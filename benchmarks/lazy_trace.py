@@ -190,6 +190,7 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
     adahessian_kwargs, body, extra = split_embedding(kwargs, model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    by_name = dict(named)
     opt = AdaHessian(body, lr=args.lr, weight_decay=0.0, seed=args.seed, **adahessian_kwargs)
     schedules = [get_scheduler("linear", o, num_warmup_steps=args.warmup, num_training_steps=args.steps)
                  for o in (opt, extra) if o is not None]
@@ -263,7 +264,7 @@ def trace(kwargs: dict, train: list[dict], dev: list[dict], args) -> dict:
                       # the tensor that holds most of the step's squared length, and how much of it
                       "heaviest_tensor": heaviest, "heaviest_share": squares[heaviest] / total if total else None,
                       # the stale guard's factor on that tensor's denominator (None without the guard)
-                      "heaviest_guard_factor": guard_factor(opt, dict(named)[heaviest]),
+                      "heaviest_guard_factor": guard_factor(opt, by_name[heaviest]),
                       # how many coordinates moved by more than t learning rates (Adam's |m̂/√v̂| is ~1 at most)
                       **{f"coords_over_{t}_lr": over[t] for t in THRESHOLDS},
                       # the word embedding's squared step by when its rows were last estimated
