@@ -45,9 +45,10 @@ __all__ = ["AdaHessian", "HessianStats", "adahessian"]
 
 _STATE_KEYS = ("exp_avg", "exp_hessian_diag_sq")
 # Per-row state, made when an estimate first sees only some of a tensor's rows (the second under stale_guard).
-_ROW_KEYS = ("row_hessian_steps", "row_grad_norm_at_estimate")
-# State a parameter has only under some settings (stale_guard, time_weighted).
-_OPTIONAL_SCALARS = ("grad_norm_avg", "grad_norm_at_estimate", "hessian_weight")
+_ROW_KEYS = ("row_hessian_steps", "row_grad_norm_at_estimate", "row_grad_sq_at_estimates")
+# State a parameter has only under some settings (stale_guard, its reference, time_weighted).
+_OPTIONAL_SCALARS = ("grad_norm_avg", "grad_norm_at_estimate", "grad_sq_avg", "grad_sq_at_estimates",
+                     "hessian_weight")
 
 NO_GRAPH_MESSAGE = (
     "AdaHessian needs a Hessian-vector product on this step (hessian_interval={interval}, "
@@ -103,6 +104,13 @@ class AdaHessian(Optimizer):
             so that a stale, too small curvature does not drive steps the fresh one would not;
             per row where an estimate sees only some rows (embeddings: since the row's own last
             estimate). Inert where every row is estimated on every step.
+        stale_guard_reference: what the stale guard compares the gradient's scale with.
+            ``"last"``: the (β1-averaged) norm at the last estimate.  ``"average"``: the factor
+            is √(ā_steps / ā_estimates), ā the bias-corrected β2 average of ‖g‖² over every step
+            and over the Hessian steps, weighted as v is: with D growing as the gradient does, it
+            puts v̂ where a Hessian on every step would have it, and a new estimate, which
+            moves v̂ by only its share, does not undo what the guard added before it.
+            Per row where rows are counted apart.  Needs ``stale_guard``.
         min_row_estimates: where an estimate sees only some rows (embeddings), a row whose v̂
             rests on fewer estimates than this takes at least the mean v̂ of the rows estimated,
             as a row never estimated takes it (one Hz of a rare token's row is a noisy reading).
@@ -144,6 +152,7 @@ class AdaHessian(Optimizer):
         hessian_interval: int = 1,
         hessian_warmup: int = 0,
         stale_guard: bool = False,
+        stale_guard_reference: Literal["last", "average"] = "last",
         min_row_estimates: int = 1,
         update_clip: float | None = None,
         time_weighted: bool = False,
@@ -159,7 +168,8 @@ class AdaHessian(Optimizer):
         try:
             check_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, block_size)
             check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step,
-                                            hessian_warmup, update_clip, min_row_estimates)
+                                            hessian_warmup, update_clip, min_row_estimates, stale_guard,
+                                            stale_guard_reference)
         except HyperparameterError as err:
             raise ValueError(f"AdaHessian: {err}") from None
         defaults = dict(
@@ -170,6 +180,7 @@ class AdaHessian(Optimizer):
         self.hessian_interval = hessian_interval
         self.hessian_warmup = hessian_warmup
         self.stale_guard = stale_guard
+        self.stale_guard_reference = stale_guard_reference
         self.min_row_estimates = min_row_estimates
         self.update_clip = update_clip
         self.time_weighted = bool(time_weighted)
@@ -395,7 +406,6 @@ class AdaHessian(Optimizer):
         under ``time_weighted`` the steps they stand for (``hessian_weight``); rows count alike.
         """
         params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales = ([] for _ in range(10))
-        beta1 = group["betas"][0]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -418,8 +428,7 @@ class AdaHessian(Optimizer):
                 if "row_hessian_steps" in state:
                     state["row_hessian_steps"].add_(float(v_weight) if rows is None
                                                     else rows.to(torch.float32) * v_weight)
-            scales.append(self._stale_scale(state, grad_norms[p.grad], d is not None, rows, beta1,
-                                            group["hessian_power"])
+            scales.append(self._stale_scale(state, grad_norms[p.grad], d is not None, rows, group, v_weight)
                           if p.grad in grad_norms else 1.0)
             params.append(p)
             grads.append(p.grad)
@@ -432,9 +441,8 @@ class AdaHessian(Optimizer):
             hsteps.append(estimate_count(state) if self.time_weighted else state["hessian_step"])
         return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales
 
-    @staticmethod
-    def _stale_scale(state: dict, grad_norm: float, estimated: bool, rows: torch.Tensor | None, beta1: float,
-                     hessian_power: float) -> float | torch.Tensor:
+    def _stale_scale(self, state: dict, grad_norm: float, estimated: bool, rows: torch.Tensor | None,
+                     group: dict, v_weight: int) -> float | torch.Tensor:
         """``stale_guard``: the growth of the gradient's scale since the last estimate, at least 1.
 
         Through a linear head, the gradient upstream grows with the head's weights and the
@@ -445,15 +453,20 @@ class AdaHessian(Optimizer):
         reference is the scale at its own last estimate, a vector of factors: a row last
         estimated while the head was random keeps its factor when a later estimate refreshes
         only the frequent rows.  Rows never estimated, which take the mean v̂ of those seen,
-        follow the tensor's latest estimate.
+        follow the tensor's latest estimate.  ``stale_guard_reference="average"``:
+        ``_refresh_average_references``.
         """
+        beta1, beta2 = group["betas"]
+        if self.stale_guard_reference == "average":
+            _refresh_average_references(state, grad_norm, estimated, rows, beta2, v_weight)
+            return stale_factors(state, group)
         state["grad_norm_avg"] = beta1 * state.get("grad_norm_avg", 0.0) + (1 - beta1) * grad_norm
         current = _running_grad_scale(state, beta1)
         if "row_hessian_steps" in state:
             _refresh_row_references(state, current, estimated, rows)
         elif estimated or "grad_norm_at_estimate" not in state:
             state["grad_norm_at_estimate"] = current
-        return stale_factors(state, beta1, hessian_power)
+        return stale_factors(state, group)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -551,9 +564,57 @@ def _refresh_row_references(state: dict, current: float, estimated: bool, rows: 
         reference.masked_fill_(rows | (row_steps == 0), current)
 
 
-def stale_factors(state: dict, beta1: float, hessian_power: float = 1.0) -> float | torch.Tensor:
-    """The stale guard's factor on a parameter's denominator, from its state: the running gradient scale
-    now over the one at the last estimate, at least 1; one per row where rows are counted apart."""
+def _refresh_average_references(state: dict, grad_norm: float, estimated: bool, rows: torch.Tensor | None,
+                                beta2: float, v_weight: int) -> None:
+    """``stale_guard_reference="average"``: ‖g‖² averaged over every step, and over the Hessian steps as v
+    averages D² there (decay β2^w; per row where rows are counted apart, the rows starting from the tensor's)."""
+    square = grad_norm * grad_norm
+    state["grad_sq_avg"] = beta2 * state.get("grad_sq_avg", 0.0) + (1 - beta2) * square
+    if not estimated:
+        return
+    before = state.get("grad_sq_at_estimates", 0.0)
+    decay = beta2**v_weight
+    state["grad_sq_at_estimates"] = decay * before + (1 - decay) * square
+    if "row_hessian_steps" not in state:
+        return
+    row_avg = state.get("row_grad_sq_at_estimates")
+    if row_avg is None:  # rows are counted apart from now on; until now every estimate saw them all
+        row_avg = state["row_grad_sq_at_estimates"] = torch.full_like(state["row_hessian_steps"], before)
+    if rows is None:
+        row_avg.mul_(decay).add_((1 - decay) * square)
+    else:
+        row_avg.copy_(torch.where(rows, decay * row_avg + (1 - decay) * square, row_avg))
+
+
+def _average_stale_factors(state: dict, beta2: float) -> float | torch.Tensor:
+    """√(ā_steps / ā_estimates), at least 1 (``stale_guard_reference="average"``)."""
+    count = estimate_count(state)
+    if count == 0 or state.get("grad_sq_at_estimates", 0.0) <= 0:
+        return 1.0
+    # Both sides written alike, so that where every step is a Hessian step the factor is exactly 1.
+    current = math.sqrt(state["grad_sq_avg"] / (1 - beta2 ** state["step"]))
+    reference = math.sqrt(state["grad_sq_at_estimates"] / (1 - beta2**count))
+    row_avg = state.get("row_grad_sq_at_estimates")
+    if row_avg is None:
+        return max(1.0, current / reference)
+    counts = state["row_hessian_steps"]
+    seen = counts > 0
+    correction = torch.where(seen, 1 - torch.full_like(counts, beta2).pow_(counts), 1.0)
+    # Rows never estimated take the mean v̂ of the rows seen: the tensor's reference.
+    row_reference = torch.where(seen, row_avg.div(correction).sqrt_(), reference)
+    return torch.where(row_reference > 0, current / row_reference, 1.0).clamp_(min=1.0)
+
+
+def stale_factors(state: dict, group: dict) -> float | torch.Tensor:
+    """The stale guard's factor on a parameter's denominator, from its state and its group's betas and
+    power: the running gradient scale now over the one at the last estimate (or the averages' ratio,
+    ``stale_guard_reference="average"``), at least 1; one per row where rows are counted apart."""
+    (beta1, beta2), hessian_power = group["betas"], group["hessian_power"]
+    if "grad_sq_avg" in state:
+        factors = _average_stale_factors(state, beta2)
+        if isinstance(factors, float):
+            return factors**hessian_power
+        return factors if hessian_power == 1.0 else factors.pow_(hessian_power)
     current = _running_grad_scale(state, beta1)
     if "row_grad_norm_at_estimate" in state:
         reference = state["row_grad_norm_at_estimate"]

@@ -72,10 +72,19 @@ ESTIMATORS = ("exact", "finite_difference")
 FD_SCHEMES = ("forward", "central")
 
 
+GUARD_REFERENCES = ("last", "average")
+
+
 def check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step,
-                                    hessian_warmup=0, update_clip=None, min_row_estimates=1) -> None:
+                                    hessian_warmup=0, update_clip=None, min_row_estimates=1, stale_guard=False,
+                                    stale_guard_reference="last") -> None:
     """What belongs to the optimizer as a whole."""
     check_int("hessian_interval", hessian_interval)
+    check("stale_guard_reference", stale_guard_reference in GUARD_REFERENCES, stale_guard_reference,
+          " or ".join(repr(e) for e in GUARD_REFERENCES))
+    check("stale_guard_reference", stale_guard_reference == "last" or bool(stale_guard), stale_guard_reference,
+          "'last' (the default) without stale_guard=True: it says what the stale guard compares with, "
+          "so turn the guard on too")
     check_int("hessian_warmup", hessian_warmup, minimum=0)
     check("update_clip", update_clip is None or (_is_number(update_clip) and 0 < update_clip < math.inf),
           update_clip, "a finite positive number (or None: unbounded)")

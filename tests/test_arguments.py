@@ -212,6 +212,7 @@ def test_unknown_optim_args_key_is_refused_listing_the_accepted_keys(tmp_path):
     ("block_size=", "block_size"),
     ("foreach=maybe", "foreach"),
     ("hessian_batch_fraction=half", "hessian_batch_fraction"),
+    ("stale_guard=true,stale_guard_reference=mean", "stale_guard_reference"),
 ])
 def test_non_number_optim_arg_is_refused_naming_the_key(tmp_path, optim_args, key):
     with pytest.raises(ValueError, match=key):
@@ -231,6 +232,8 @@ def test_non_number_optim_arg_is_refused_naming_the_key(tmp_path, optim_args, ke
     ("block_size=0", "block_size"),
     ("hessian_batch_fraction=0", "hessian_batch_fraction"),
     ("hessian_batch_fraction=1.5", "hessian_batch_fraction"),
+    # It says what the stale guard compares with: nothing to say with the guard off.
+    ("stale_guard_reference=average", "stale_guard_reference"),
 ])
 def test_out_of_range_optim_arg_is_refused_naming_the_key(tmp_path, optim_args, key):
     with pytest.raises(ValueError, match=key):

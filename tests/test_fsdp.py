@@ -37,8 +37,9 @@ CASES = {"loop_fd_fp64": 1e-7, "loop_fd_central_fp64": 1e-9, "loop_fd": 2e-2}
 # into a relative error of the step where a gradient is small, and how much depends on the CPU's kernels
 # (2.4e-6 of the distance on one machine, 3.4e-5 on another, in one position-embedding entry).
 TRAINER_CASES = {"trainer_adamw": 1e-4, "trainer_adamw_ga2_fp64": 1e-9, "trainer_fd_fp64": 1e-7,
-                 "trainer_fd_i2_ga2_fp64": 1e-7, "trainer_fd_i2_sg_fp64": 1e-7, "trainer_fd": 2e-2}
-RESUME = "trainer_fd_resume_fp64"
+                 "trainer_fd_i2_ga2_fp64": 1e-7, "trainer_fd_i2_sg_fp64": 1e-7, "trainer_fd_i2_sga_fp64": 1e-7,
+                 "trainer_fd": 2e-2}
+RESUMES = ("trainer_fd_resume_fp64", "trainer_fd_resume_sga_fp64")
 
 pytestmark = [
     pytest.mark.distributed,
@@ -52,7 +53,7 @@ def runs(tmp_path_factory) -> Path:
     cases = ",".join([*CASES, *TRAINER_CASES])
     launches = {
         "fsdp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(SCRIPT),
-                 "--out", str(root / "fsdp"), "--batch", "2", "--cases", f"{cases},{RESUME}"],
+                 "--out", str(root / "fsdp"), "--batch", "2", "--cases", ",".join([cases, *RESUMES])],
         "ref": [sys.executable, str(SCRIPT), "--out", str(root / "ref"), "--batch", "4", "--cases", cases],
     }
     procs = {name: subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
@@ -87,7 +88,7 @@ def test_sharded_training_matches_one_process_with_twice_the_batch(runs, case):
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=tolerance * moved, msg=lambda m, k=k: f"{case} {k}: {m}")
 
 
-@pytest.mark.parametrize("case", [*TRAINER_CASES, RESUME])
+@pytest.mark.parametrize("case", [*TRAINER_CASES, *RESUMES])
 def test_the_trainer_shards_through_accelerates_fsdp2(runs, case):
     for rank in range(2):
         info = json.loads((runs / "fsdp" / case / f"rank{rank}.json").read_text())
@@ -98,12 +99,13 @@ def test_the_trainer_shards_through_accelerates_fsdp2(runs, case):
         assert info["optimizer"] == "AdaHessian" and info["logs"][-1]["hessian_updates"] >= 2
 
 
-def test_a_sharded_run_resumes_bit_for_bit(runs):
-    whole = torch.load(runs / "fsdp" / RESUME / "rank0.pt")
-    resumed = torch.load(runs / "fsdp" / f"{RESUME}_resumed" / "rank0.pt")
+@pytest.mark.parametrize("case", RESUMES)
+def test_a_sharded_run_resumes_bit_for_bit(runs, case):
+    whole = torch.load(runs / "fsdp" / case / "rank0.pt")
+    resumed = torch.load(runs / "fsdp" / f"{case}_resumed" / "rank0.pt")
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
     logs = [json.loads((runs / "fsdp" / name / "rank0.json").read_text())["logs"]
-            for name in (RESUME, f"{RESUME}_resumed")]
+            for name in (case, f"{case}_resumed")]
     assert [log["loss"] for log in logs[1]] == [log["loss"] for log in logs[0][2:]]
     assert logs[1][-1]["hessian_updates"] == logs[0][-1]["hessian_updates"]

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from hf_adahessian import AdaHessian
+from hf_adahessian.optimizer import stale_factors
 from optim_helpers import assert_all_equal, clone_params, copy_model, mse, regression_batch, tiny_mlp
 
 # ``loss.backward(create_graph=True)`` is the documented standalone API; torch warns about
@@ -913,13 +914,16 @@ def test_the_stale_guard_scales_each_row_by_the_growth_since_its_own_last_estima
     assert state["row_grad_norm_at_estimate"][:2].tolist() == pytest.approx([norms[0], norms[2]])
 
 
-def test_the_row_wise_stale_guard_resumes_bit_for_bit():
+@pytest.mark.parametrize("reference, row_key", [("last", "row_grad_norm_at_estimate"),
+                                                ("average", "row_grad_sq_at_estimates")])
+def test_the_row_wise_stale_guard_resumes_bit_for_bit(reference, row_key):
     """Its per-row references are optimizer state: saved, restored, and absent where a tensor has no rows."""
     def run(steps, opt_state=None, model_state=None):
         model = _Bag()
         if model_state is not None:
             model.load_state_dict(model_state)
-        opt = AdaHessian(model.parameters(), lr=0.01, hessian_interval=2, stale_guard=True, seed=0)
+        opt = AdaHessian(model.parameters(), lr=0.01, hessian_interval=2, stale_guard=True,
+                         stale_guard_reference=reference, seed=0)
         if opt_state is not None:
             opt.load_state_dict(opt_state)
         for tokens in steps:
@@ -933,10 +937,10 @@ def test_the_row_wise_stale_guard_resumes_bit_for_bit():
     torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, buf)
     buf.seek(0)
     checkpoint = torch.load(buf, weights_only=True)
-    assert "row_grad_norm_at_estimate" in first_opt.state[first.emb]
+    assert row_key in first_opt.state[first.emb]
     resumed, resumed_opt = run(sequence[3:], checkpoint["optimizer"], checkpoint["model"])
     assert_all_equal(clone_params(resumed), clone_params(whole), "parameter")
-    assert "row_grad_norm_at_estimate" not in resumed_opt.state[resumed.head]
+    assert row_key not in resumed_opt.state[resumed.head]
 
 
 def test_full_coverage_keeps_the_papers_rule_bit_for_bit_with_the_foreach_core():
@@ -1054,11 +1058,13 @@ def test_the_stale_guard_and_the_update_clip_leave_the_papers_rule_alone_where_t
     optimizer; a clip far above every |m̂/denominator| clips nothing: the same steps up to the
     rounding of dividing before multiplying (addcdiv fuses them)."""
     runs = []
-    for extra in ({}, {"stale_guard": True}, {"update_clip": 1e6}):
+    for extra in ({}, {"stale_guard": True}, {"update_clip": 1e6},
+                  {"stale_guard": True, "stale_guard_reference": "average"}):
         model = tiny_mlp(0)
         _train(model, AdaHessian(model.parameters(), lr=0.05, seed=0, foreach=foreach, **extra), 5)
         runs.append(clone_params(model))
     assert_all_equal(runs[1], runs[0], "parameter")
+    assert_all_equal(runs[3], runs[0], "parameter")
     for a, b in zip(runs[2], runs[0]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
@@ -1085,6 +1091,85 @@ def test_the_stale_guard_divides_by_the_growth_of_the_gradient_since_the_estimat
     growth = (scale * a * results[True][1]).norm() / (a * torch.tensor([1.0, -1.0])).norm()
     torch.testing.assert_close(guarded, plain / growth, rtol=1e-3, atol=1e-7)
     assert guarded.abs().max() < plain.abs().max() / 5
+
+
+def _growing_quadratic_denominators(reference: str | None, interval: int, warmup: int = 0, steps: int = 12):
+    """f(p) = ½ s_t a·p², s_t = t, at a learning rate too small to move p: D_t = s_t·a and ‖g_t‖ = s_t‖a p‖
+    grow together, as upstream of a growing head.  The denominator (√v̂ times the guard's factor) after each
+    step, in float64, at β2 = 0.999 as in the recipes."""
+    a = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    p = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    guard = {} if reference is None else {"stale_guard": True, "stale_guard_reference": reference}
+    opt = AdaHessian([p], lr=1e-12, betas=(0.0, 0.999), hessian_interval=interval, hessian_warmup=warmup, seed=0,
+                     **guard)
+    denominators = []
+    for t in range(1, steps + 1):
+        opt.zero_grad()
+        _backward_for(opt, (0.5 * t * a * p * p).sum())
+        opt.step()
+        state = opt.state[p]
+        v_hat = state["exp_hessian_diag_sq"] / (1 - 0.999 ** state["hessian_step"])
+        factor = stale_factors(state, opt.param_groups[0]) if guard else 1.0
+        denominators.append(factor * v_hat.sqrt())
+    return denominators
+
+
+def test_the_average_reference_puts_a_lazy_denominator_where_a_hessian_on_every_step_has_it():
+    """Where the curvature grows as the gradient does, the guard's factor √(ā_steps/ā_estimates) turns the
+    lazy v̂ into the one a Hessian on every step gives, on every step, before and after each new estimate;
+    the last-estimate reference overshoots it between estimates and falls under it when an estimate
+    resets it."""
+    every_step = _growing_quadratic_denominators(None, 1)
+    # Estimates on steps 1-6 (the warm-up, then the first of the interval) and 11.
+    average = _growing_quadratic_denominators("average", 5, warmup=5)
+    last = _growing_quadratic_denominators("last", 5, warmup=5)
+    for t, (want, got) in enumerate(zip(every_step, average), start=1):
+        # to the rounding of the gradient norms, which the guard takes in fp32
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=0, msg=lambda m, t=t: f"step {t}: {m}")
+    # On step 10 the last-estimate guard is above the every-step denominator; step 11's estimate resets it
+    # and the denominator drops under the every-step one, and under its own of the step before, while
+    # the curvature grows.
+    assert (last[9] > every_step[9] * 1.03).all() and (last[10] < every_step[10] * 0.9).all()
+    assert (last[10] < last[9]).all()
+
+
+def test_the_average_reference_takes_each_rows_own_estimates_and_the_tensors_steps():
+    """Interval 2 (Hessian steps 1, 3): step 1 estimates rows 0 and 1, step 3 row 1 alone, the loss growing
+    tenfold after step 1.  On step 4 each row's factor is √(ā over the tensor's four steps / ā over the
+    row's own estimates), the averages bias-corrected by their counts as v̂ is.  β1 = 0: m̂ is the gradient."""
+    model = _Bag()
+    lr, eps, beta2 = 0.01, 1e-4, 0.9
+    opt = AdaHessian(model.parameters(), lr=lr, betas=(0.0, beta2), eps=eps, hessian_interval=2, stale_guard=True,
+                     stale_guard_reference="average", seed=0)
+    norms = []
+    for tokens, scale in (([0, 1], 1.0), ([1], 10.0), ([1], 10.0), ([0, 1], 10.0)):
+        opt.zero_grad()
+        _backward_for(opt, scale * model(torch.tensor(tokens), 1.0))
+        norms.append(float(model.emb.grad.detach().norm()))
+        grad, before = model.emb.grad.detach().clone(), model.emb.detach().clone()
+        state = opt.state[model.emb]
+        v_before = state["exp_hessian_diag_sq"].clone() if state else None
+        opt.step()
+    counts = state["row_hessian_steps"]
+    assert counts.tolist()[:2] == [1, 2]
+    n = [x * x for x in norms]
+    over_steps = sum((1 - beta2) * beta2 ** (3 - k) * n[k] for k in range(4)) / (1 - beta2**4)
+    row_0 = n[0]  # one estimate: (1 − β2)·n₁² / (1 − β2)
+    row_1 = (beta2 * (1 - beta2) * n[0] + (1 - beta2) * n[2]) / (1 - beta2**2)
+    factors = torch.tensor([math.sqrt(over_steps / row_0), math.sqrt(over_steps / row_1)])[:, None]
+    assert factors[0] > 1.5 * factors[1] > 3  # row 0 was last estimated before the growth
+    v_hat = v_before[:2] / (1 - beta2 ** counts[:2, None])
+    expected = -lr * grad[:2] / (factors * v_hat.sqrt() + eps)
+    # to the parameters' fp32 rounding (half an ulp of 0.5 is 3e-8)
+    torch.testing.assert_close(model.emb.detach()[:2] - before[:2], expected, rtol=1e-5, atol=6e-8)
+
+
+def test_the_stale_guards_reference_is_refused_unless_it_is_one_the_guard_knows_and_the_guard_is_on():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="stale_guard_reference='median'.*'last' or 'average'"):
+        AdaHessian([p], stale_guard=True, stale_guard_reference="median")
+    with pytest.raises(ValueError, match="stale_guard_reference='average'.*turn the guard on"):
+        AdaHessian([p], stale_guard_reference="average")
 
 
 @pytest.mark.parametrize("foreach", [False, True])

@@ -15,7 +15,7 @@ Trainer cases (``trainer_*``): the Trainer's own ``--fsdp full_shard`` with FSDP
 accelerate.  accelerate takes its FSDP path only for accelerator device types (on CPU it would
 train with DDP), so under torchrun :func:`fsdp_on_cpu` sets the distributed type accelerate sets
 on a GPU; FSDP2 itself runs on gloo.  ``trainer_fd_resume_fp64`` also resumes from its step-2
-checkpoint (DIR/trainer_fd_resume_fp64_resumed/).
+checkpoint (DIR/trainer_fd_resume_fp64_resumed/, and the same for trainer_fd_resume_sga_fp64).
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ TRAINER_CASES = {
     "trainer_fd_i2_sg_fp64": dict(optim="adahessian", learning_rate=0.05, dtype=torch.float64, grad_acc=1,
                                   optim_args="hessian_interval=2,hessian_estimator=finite_difference,stale_guard=true,"
                                              "min_row_estimates=3"),
+    # The guard's average reference: its per-row averages, sharded as the rows are.
+    "trainer_fd_i2_sga_fp64": dict(optim="adahessian", learning_rate=0.05, dtype=torch.float64, grad_acc=1,
+                                   optim_args="hessian_interval=2,hessian_estimator=finite_difference,"
+                                              "stale_guard=true,stale_guard_reference=average"),
     "trainer_fd": dict(optim="adahessian", learning_rate=0.05, optim_args=FD + ",eps=1e-2", grad_acc=1),
 }
 # Resume under FSDP2: 4 steps saving at step 2 (the sharded optimizer state through accelerate's
@@ -72,6 +76,11 @@ TRAINER_CASES = {
 RESUME = dict(optim="adahessian", learning_rate=0.05, dtype=torch.float64, grad_acc=1,
               optim_args="hessian_interval=2,hessian_estimator=finite_difference,stale_guard=true,time_weighted=true")
 TRAINER_CASES["trainer_fd_resume_fp64"] = dict(RESUME, trainer_args={"save_strategy": "steps", "save_steps": 2})
+# ... and the average reference's keys (scalars and per-row averages).
+TRAINER_CASES["trainer_fd_resume_sga_fp64"] = dict(
+    TRAINER_CASES["trainer_fd_resume_fp64"],
+    optim_args="hessian_interval=2,hessian_estimator=finite_difference,stale_guard=true,stale_guard_reference=average")
+RESUMED = ("trainer_fd_resume_fp64", "trainer_fd_resume_sga_fp64")
 for case in TRAINER_CASES.values():
     case["distributed_args"] = FSDP_ARGS
 ddp_train.CASES.update(TRAINER_CASES)  # ddp_train.run_case trains them
@@ -130,7 +139,7 @@ def loop(spec: dict, batch: int) -> tuple[torch.nn.Module, dict, list]:
 
 
 def run_case(name: str, batch: int, out: Path) -> None:
-    if name == "trainer_fd_resume_fp64":
+    if name in RESUMED:
         return run_resumed(name, batch, out)
     if name in TRAINER_CASES:
         return ddp_train.run_case(name, batch, out)
