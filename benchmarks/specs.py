@@ -345,6 +345,10 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
                    hessian_estimator="finite_difference", note="lr searched on its own grid" if h20 else followed),
         adahessian(20, lr, grid, block_size=32, hessian_warmup=10, stale_guard=True,
                    hessian_estimator="finite_difference", note=followed),
+        # The every-20 schedule with the guard's average reference (v̂ put where a Hessian on every step has it).
+        adahessian(20, h20_lr, h20_grid, block_size=32, hessian_warmup=15, stale_guard=True,
+                   stale_guard_reference="average", hessian_estimator="finite_difference",
+                   note="the lr of the row with the last-estimate guard"),
         torch_optimizer_adahessian(lr, grid),
         pytorch_optimizer_adahessian(lr, grid),
         sophiah(1, sophia_lr, sophia_grid),

@@ -77,6 +77,9 @@ OPTIMIZERS = specs.registry(
       for warmup in (10, 15)),
     specs.adahessian(20, 3e-2, HESSIAN_GRID, block_size=32, hessian_warmup=15, stale_guard=True,
                      hessian_estimator="finite_difference", note="the recipe's lr"),
+    # The every-20 schedule with the guard's average reference: the lazy v̂ where a Hessian on every step has it.
+    specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, stale_guard_reference="average",
+                     hessian_estimator="finite_difference", note="the recipe's lr"),
     # More probes on the lazy Hessian steps, whose cost the interval amortises (the exact estimator:
     # forward differences take one probe), against the same schedule with one.
     *(specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, n_samples=n,

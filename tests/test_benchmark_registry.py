@@ -21,3 +21,12 @@ def test_the_every_20_schedule_compares_at_its_own_searched_rate_from_scratch_on
         if registry is lm.OPTIMIZERS:
             followed.append(registry["adahessian_h20_b32_fd_w15_sg"])
         assert all(spec.lr == registry["adahessian_h1_b32"].lr for spec in followed)
+
+
+@pytest.mark.parametrize("task", [multi30k, lm], ids=lambda m: m.NAME)
+def test_the_average_reference_row_compares_at_the_rate_of_the_same_schedule_with_the_last_estimate_guard(task):
+    """One lever changed against its row: the guard's reference, nothing else, the learning rate included."""
+    lever = task.OPTIMIZERS["adahessian_h20_b32_fd_w15_sg_sga"]
+    base = task.OPTIMIZERS["adahessian_h20_b32_fd_w15_sg"]
+    assert dict(lever.optim_args) == {**base.optim_args, "stale_guard_reference": "average"}
+    assert (lever.lr, lever.grid) == (base.lr, base.grid)
