@@ -423,7 +423,8 @@ class AdaHessian(Optimizer):
                     state["row_hessian_steps"] = torch.full_like(
                         rows, float(estimate_count(state)), dtype=torch.float32)
                 state["hessian_step"] += 1
-                if self.time_weighted:
+                if self.time_weighted or "hessian_weight" in state:
+                    # What v holds, in steps; resumed without time weighting, each estimate weighs 1.
                     state["hessian_weight"] = state.get("hessian_weight", state["hessian_step"] - 1) + v_weight
                 if "row_hessian_steps" in state:
                     state["row_hessian_steps"].add_(float(v_weight) if rows is None
@@ -438,7 +439,7 @@ class AdaHessian(Optimizer):
             rows_seen.append(rows)
             row_steps.append(state.get("row_hessian_steps"))
             steps.append(state["step"])
-            hsteps.append(estimate_count(state) if self.time_weighted else state["hessian_step"])
+            hsteps.append(estimate_count(state))
         return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales
 
     def _stale_scale(self, state: dict, grad_norm: float, estimated: bool, rows: torch.Tensor | None,

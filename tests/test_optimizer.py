@@ -1017,6 +1017,32 @@ def test_time_weighting_is_the_papers_rule_where_every_step_has_an_estimate(fore
     assert_all_equal(runs[2], runs[0], "parameter")
 
 
+@pytest.mark.parametrize("first, then", [(True, False), (False, True)], ids=["weighted, then not", "then weighted"])
+def test_the_bias_correction_counts_what_v_holds_when_a_run_resumes_with_time_weighting_switched(first, then):
+    """With a constant estimate D, v̂ is D² exactly however the estimates were weighted, if v's bias
+    correction counts the weights v holds.  f(p) = ½ a p² (|z ⊙ Hz| = a), β1 = 0, Hessian steps 1, 4, 7, …:
+    each step shrinks p by lr·a/(√v̂ + eps), which gives back the √v̂ the step used, before and after a
+    resume that switches time weighting on or off."""
+    a, lr, eps, beta2 = 2.0, 0.1, 1e-4, 0.9
+    p = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    used = []
+
+    def train(opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            _backward_for(opt, (0.5 * a * p * p).sum())
+            before = float(p)
+            opt.step()
+            used.append(lr * a / (1 - float(p) / before) - eps)
+
+    opt = AdaHessian([p], lr=lr, betas=(0.0, beta2), eps=eps, hessian_interval=3, time_weighted=first, seed=0)
+    train(opt, 5)
+    resumed = AdaHessian([p], lr=lr, betas=(0.0, beta2), eps=eps, hessian_interval=3, time_weighted=then, seed=0)
+    resumed.load_state_dict(opt.state_dict())
+    train(resumed, 5)
+    assert used == pytest.approx([a] * 10, rel=1e-9)
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 def test_a_time_weighted_estimate_counts_as_every_step_it_stands_for(foreach):
     """f_t(p) = ½ Σ a_t p², whose |z ⊙ Hz| is a_t exactly, with a_t changing only on the lazy run's
