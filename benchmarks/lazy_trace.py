@@ -151,7 +151,7 @@ def guard_factor(opt, p) -> float | None:
     state = opt.state.get(p, {})
     if "grad_norm_avg" not in state and "grad_sq_avg" not in state:
         return None
-    factors = stale_factors(state, opt.param_groups[0])
+    factors = stale_factors(state, opt.param_groups[0], getattr(opt, "stale_guard_reference", "last"))
     if not isinstance(factors, float):
         seen = state["row_hessian_steps"] > 0
         return float(factors[seen].mean()) if bool(seen.any()) else 1.0

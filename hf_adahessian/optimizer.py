@@ -460,14 +460,17 @@ class AdaHessian(Optimizer):
         beta1, beta2 = group["betas"]
         if self.stale_guard_reference == "average":
             _refresh_average_references(state, grad_norm, estimated, rows, beta2, v_weight)
-            return stale_factors(state, group)
-        state["grad_norm_avg"] = beta1 * state.get("grad_norm_avg", 0.0) + (1 - beta1) * grad_norm
+            return stale_factors(state, group, "average")
+        if "grad_norm_avg" not in state:
+            # The first step, or a run resumed without the guard's state: as if earlier steps had this norm.
+            state["grad_norm_avg"] = (1 - beta1 ** (state["step"] - 1)) * grad_norm
+        state["grad_norm_avg"] = beta1 * state["grad_norm_avg"] + (1 - beta1) * grad_norm
         current = _running_grad_scale(state, beta1)
         if "row_hessian_steps" in state:
             _refresh_row_references(state, current, estimated, rows)
         elif estimated or "grad_norm_at_estimate" not in state:
             state["grad_norm_at_estimate"] = current
-        return stale_factors(state, group)
+        return stale_factors(state, group, "last")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -568,12 +571,20 @@ def _refresh_row_references(state: dict, current: float, estimated: bool, rows: 
 def _refresh_average_references(state: dict, grad_norm: float, estimated: bool, rows: torch.Tensor | None,
                                 beta2: float, v_weight: int) -> None:
     """``stale_guard_reference="average"``: ‖g‖² averaged over every step, and over the Hessian steps as v
-    averages D² there (decay β2^w; per row where rows are counted apart, the rows starting from the tensor's)."""
+    averages D² there (decay β2^w; per row where rows are counted apart, the rows starting from the tensor's).
+
+    ``state`` already counts this step and its estimate."""
     square = grad_norm * grad_norm
-    state["grad_sq_avg"] = beta2 * state.get("grad_sq_avg", 0.0) + (1 - beta2) * square
+    if "grad_sq_avg" not in state:
+        # No history: the first step, or a run resumed from a state without these averages (another
+        # reference).  As if every earlier step had this norm: no growth, a factor of 1 to start from.
+        earlier_estimates = estimate_count(state) - (v_weight if estimated else 0)
+        state["grad_sq_avg"] = (1 - beta2 ** (state["step"] - 1)) * square
+        state["grad_sq_at_estimates"] = (1 - beta2**earlier_estimates) * square
+    state["grad_sq_avg"] = beta2 * state["grad_sq_avg"] + (1 - beta2) * square
     if not estimated:
         return
-    before = state.get("grad_sq_at_estimates", 0.0)
+    before = state["grad_sq_at_estimates"]
     decay = beta2**v_weight
     state["grad_sq_at_estimates"] = decay * before + (1 - decay) * square
     if "row_hessian_steps" not in state:
@@ -606,12 +617,12 @@ def _average_stale_factors(state: dict, beta2: float) -> float | torch.Tensor:
     return torch.where(row_reference > 0, current / row_reference, 1.0).clamp_(min=1.0)
 
 
-def stale_factors(state: dict, group: dict) -> float | torch.Tensor:
+def stale_factors(state: dict, group: dict, reference: str = "last") -> float | torch.Tensor:
     """The stale guard's factor on a parameter's denominator, from its state and its group's betas and
-    power: the running gradient scale now over the one at the last estimate (or the averages' ratio,
-    ``stale_guard_reference="average"``), at least 1; one per row where rows are counted apart."""
+    power: the running gradient scale now over the one at the last estimate (``reference="last"``) or the
+    averages' ratio (``"average"``), at least 1; one per row where rows are counted apart."""
     (beta1, beta2), hessian_power = group["betas"], group["hessian_power"]
-    if "grad_sq_avg" in state:
+    if reference == "average":
         factors = _average_stale_factors(state, beta2)
         if isinstance(factors, float):
             return factors**hessian_power

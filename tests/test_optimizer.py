@@ -1135,7 +1135,7 @@ def _growing_quadratic_denominators(reference: str | None, interval: int, warmup
         opt.step()
         state = opt.state[p]
         v_hat = state["exp_hessian_diag_sq"] / (1 - 0.999 ** state["hessian_step"])
-        factor = stale_factors(state, opt.param_groups[0]) if guard else 1.0
+        factor = stale_factors(state, opt.param_groups[0], reference) if guard else 1.0
         denominators.append(factor * v_hat.sqrt())
     return denominators
 
@@ -1188,6 +1188,35 @@ def test_the_average_reference_takes_each_rows_own_estimates_and_the_tensors_ste
     expected = -lr * grad[:2] / (factors * v_hat.sqrt() + eps)
     # to the parameters' fp32 rounding (half an ulp of 0.5 is 3e-8)
     torch.testing.assert_close(model.emb.detach()[:2] - before[:2], expected, rtol=1e-5, atol=6e-8)
+
+
+@pytest.mark.parametrize("saved, reference", [(None, "last"), (None, "average"), ("last", "average"),
+                                             ("average", "last")])
+def test_a_guard_turned_on_or_switched_at_a_resume_starts_from_no_growth(saved, reference):
+    """A checkpoint saved without the guard, or with the other reference, has no history for the guard now
+    asked for: it starts as if the gradient had kept the scale it has, so where the scale does not change
+    (f = ½ a p² at a learning rate too small to move p) the factor stays 1 on every step after the resume."""
+    p = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+
+    def make(guard_reference):
+        guard = {} if guard_reference is None else {"stale_guard": True, "stale_guard_reference": guard_reference}
+        return AdaHessian([p], lr=1e-12, hessian_interval=2, seed=0, **guard)
+
+    def step(opt):
+        opt.zero_grad()
+        _backward_for(opt, (0.5 * torch.tensor([2.0, 0.5], dtype=torch.float64) * p * p).sum())
+        opt.step()
+
+    first = make(saved)
+    for _ in range(5):
+        step(first)
+    resumed = make(reference)
+    resumed.load_state_dict(first.state_dict())
+    factors = []
+    for _ in range(6):
+        step(resumed)
+        factors.append(stale_factors(resumed.state[p], resumed.param_groups[0], reference))
+    assert factors == pytest.approx([1.0] * 6, rel=1e-6)
 
 
 def test_the_stale_guards_reference_is_refused_unless_it_is_one_the_guard_knows_and_the_guard_is_on():
