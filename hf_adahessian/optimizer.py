@@ -581,6 +581,11 @@ def _refresh_average_references(state: dict, grad_norm: float, estimated: bool, 
         earlier_estimates = estimate_count(state) - (v_weight if estimated else 0)
         state["grad_sq_avg"] = (1 - beta2 ** (state["step"] - 1)) * square
         state["grad_sq_at_estimates"] = (1 - beta2**earlier_estimates) * square
+        if "row_hessian_steps" in state:  # each row as many times as it was estimated
+            counts = state["row_hessian_steps"]
+            if estimated:
+                counts = counts - (v_weight if rows is None else rows.to(counts.dtype) * v_weight)
+            state["row_grad_sq_at_estimates"] = (1 - torch.full_like(counts, beta2).pow_(counts)) * square
     state["grad_sq_avg"] = beta2 * state["grad_sq_avg"] + (1 - beta2) * square
     if not estimated:
         return

@@ -1219,6 +1219,34 @@ def test_a_guard_turned_on_or_switched_at_a_resume_starts_from_no_growth(saved, 
     assert factors == pytest.approx([1.0] * 6, rel=1e-6)
 
 
+@pytest.mark.parametrize("saved, reference", [(None, "last"), (None, "average"), ("last", "average")])
+def test_a_guard_turned_on_or_switched_at_a_resume_starts_every_row_from_no_growth(saved, reference):
+    """The same for an embedding whose rows are counted apart, each with its own number of estimates: on the
+    first step after the resume (a Hessian step) every row's factor is 1, and on the next, with the loss
+    grown tenfold, every row's factor is the same growth since the resume."""
+    model = _Bag()
+
+    def make(guard_reference):
+        guard = {} if guard_reference is None else {"stale_guard": True, "stale_guard_reference": guard_reference}
+        return AdaHessian(model.parameters(), lr=0.01, hessian_interval=2, seed=0, **guard)
+
+    first = make(saved)
+    for tokens in ([0, 1], [1, 2], [2], [1, 3]):
+        _bag_step(model, first, tokens)
+    resumed = make(reference)
+    resumed.load_state_dict(first.state_dict())
+    _bag_step(model, resumed, [0, 2])
+    state = resumed.state[model.emb]
+    assert len(set(state["row_hessian_steps"].tolist())) > 2  # rows with different counts
+    factors = stale_factors(state, resumed.param_groups[0], reference)
+    assert factors.tolist() == pytest.approx([1.0] * 6, rel=1e-6)
+    resumed.zero_grad()
+    _backward_for(resumed, 10.0 * model(torch.tensor([0, 2]), 1.0))
+    resumed.step()
+    factors = stale_factors(state, resumed.param_groups[0], reference).tolist()
+    assert factors[0] > 1.5 and factors == pytest.approx([factors[0]] * 6, rel=2e-5)  # fp32 row state
+
+
 def test_the_stale_guards_reference_is_refused_unless_it_is_one_the_guard_knows_and_the_guard_is_on():
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="stale_guard_reference='median'.*'last' or 'average'"):
