@@ -30,7 +30,8 @@ Hz, their sums): the floor of a chunk's cost beyond its share of the double back
 
 In the same process and interleaved round by round (so that another process on the cores
 slows all of them alike), the same batch through an AdamW step, an AdaHessian step without a
-Hessian (the steps between two estimates when hessian_interval > 1) and, with ``--peers``, the
+Hessian (the steps between two estimates when hessian_interval > 1; plain and under the stale guard with
+either reference) and, with ``--peers``, the
 peer packages' Hessian steps (``backward(create_graph=True)`` under ``double_backward_ready``,
 then their ``step()``). Each is measured ``--repeats`` times after ``--warmup`` rounds and the
 medians are reported (the first, cold, round is kept in the JSON). A ``torch.profiler`` trace of
@@ -62,6 +63,10 @@ MODULE = "benchmarks.profile_hessian_step"  # how it is run: python -m MODULE
 ADAHESSIAN = {"lr": 1e-3, "block_size": 32, "seed": 0}
 CHUNKS = 4  # the exact estimate in chunks (hessian_chunks)
 NEVER_AGAIN = 10**9  # an interval after which no second estimate comes: every step after the first is plain
+# The steps between estimates, plain and under the stale guard with each reference (the word embedding's rows
+# are counted apart there: one estimate saw only the batch's tokens).
+GUARDS = {"": {}, ", stale guard (last)": {"stale_guard": True},
+          ", stale guard (average)": {"stale_guard": True, "stale_guard_reference": "average"}}
 HESSIAN_STEP = {"exact": "adahessian exact Hessian step", "finite_difference": "adahessian finite-difference Hessian step"}
 HESSIAN_FN = {"exact": exact_hessian_step, "finite_difference": finite_difference_hessian_step}
 PEERS = (specs.torch_optimizer_adahessian(1e-3, ()), specs.pytorch_optimizer_adahessian(1e-3, ()),
@@ -92,10 +97,12 @@ def step_kinds(batch: dict, estimators: list[str], fd_scheme: str, peers: bool) 
         else:
             kinds[f"{HESSIAN_STEP[estimator]}, 1/16 of the batch"] = (
                 lambda phase, m=m, opt=opt: fd_sub_batch_hessian_step(m, batch, opt, 1 / 16, phase))
-    m, p = minilm_for_training()
-    between = AdaHessian(p, hessian_interval=NEVER_AGAIN, **ADAHESSIAN)
-    exact_hessian_step(m, batch, between)  # the one estimate: v exists, as between two estimates in training
-    kinds["adahessian step without Hessian"] = lambda phase, m=m, p=p: backward_step(m, batch, between, p, phase)
+    for name, guard in GUARDS.items():
+        m, p = minilm_for_training()
+        between = AdaHessian(p, hessian_interval=NEVER_AGAIN, **ADAHESSIAN, **guard)
+        exact_hessian_step(m, batch, between)  # the one estimate: v exists, as between two estimates in training
+        kinds[f"adahessian step without Hessian{name}"] = (
+            lambda phase, m=m, p=p, opt=between: backward_step(m, batch, opt, p, phase))
     if peers:
         # The peer packages' Hessian steps, interleaved with ours: a ratio that one busy moment
         # cannot tilt, unlike two comparison runs minutes apart.
