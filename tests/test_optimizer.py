@@ -885,16 +885,13 @@ def test_min_row_estimates_is_refused_below_one():
         AdaHessian([torch.nn.Parameter(torch.zeros(2))], min_row_estimates=0)
 
 
-def test_the_stale_guard_scales_each_row_by_the_growth_since_its_own_last_estimate():
-    """Interval 2 (Hessian steps 1, 3): step 1 estimates rows 0 and 1, then the loss grows tenfold (a head
-    growing) and step 3 estimates row 1 alone.  On step 4 row 1's denominator is scaled by the gradient's
-    growth since step 3 and row 0's by its growth since step 1, its own estimate: a tensor-wide reference,
-    reset by step 3, would leave row 0 with curvature measured before the growth.  β1 = 0, so the running
-    norm is the gradient's norm and m̂ the gradient."""
+def _guarded_bag_with_growth(reference: str, lr: float, eps: float, beta2: float):
+    """Four steps of the bag under the stale guard at interval 2 (Hessian steps 1, 3), β1 = 0: rows 0 and 1,
+    then the loss ×10 on row 1, row 1, rows 0 and 1.  The model, the embedding's state, the gradient norm
+    of each step, and the last step's gradient, weights and v before it."""
     model = _Bag()
-    lr, eps = 0.01, 1e-4
-    opt = AdaHessian(model.parameters(), lr=lr, betas=(0.0, 0.9), eps=eps, hessian_interval=2, stale_guard=True,
-                     seed=0)
+    opt = AdaHessian(model.parameters(), lr=lr, betas=(0.0, beta2), eps=eps, hessian_interval=2, stale_guard=True,
+                     stale_guard_reference=reference, seed=0)
     norms = []
     for tokens, scale in (([0, 1], 1.0), ([1], 10.0), ([1], 10.0), ([0, 1], 10.0)):
         opt.zero_grad()
@@ -904,6 +901,17 @@ def test_the_stale_guard_scales_each_row_by_the_growth_since_its_own_last_estima
         state = opt.state[model.emb]
         v_before = state["exp_hessian_diag_sq"].clone() if state else None
         opt.step()
+    return model, state, norms, grad, before, v_before
+
+
+def test_the_stale_guard_scales_each_row_by_the_growth_since_its_own_last_estimate():
+    """Interval 2 (Hessian steps 1, 3): step 1 estimates rows 0 and 1, then the loss grows tenfold (a head
+    growing) and step 3 estimates row 1 alone.  On step 4 row 1's denominator is scaled by the gradient's
+    growth since step 3 and row 0's by its growth since step 1, its own estimate: a tensor-wide reference,
+    reset by step 3, would leave row 0 with curvature measured before the growth.  β1 = 0, so the running
+    norm is the gradient's norm and m̂ the gradient."""
+    lr, eps = 0.01, 1e-4
+    model, state, norms, grad, before, v_before = _guarded_bag_with_growth("last", lr, eps, 0.9)
     counts = state["row_hessian_steps"]
     assert counts.tolist()[:2] == [1, 2]
     v_hat = v_before[:2] / (1 - 0.9 ** counts[:2, None])
@@ -1163,19 +1171,8 @@ def test_the_average_reference_takes_each_rows_own_estimates_and_the_tensors_ste
     """Interval 2 (Hessian steps 1, 3): step 1 estimates rows 0 and 1, step 3 row 1 alone, the loss growing
     tenfold after step 1.  On step 4 each row's factor is √(ā over the tensor's four steps / ā over the
     row's own estimates), the averages bias-corrected by their counts as v̂ is.  β1 = 0: m̂ is the gradient."""
-    model = _Bag()
     lr, eps, beta2 = 0.01, 1e-4, 0.9
-    opt = AdaHessian(model.parameters(), lr=lr, betas=(0.0, beta2), eps=eps, hessian_interval=2, stale_guard=True,
-                     stale_guard_reference="average", seed=0)
-    norms = []
-    for tokens, scale in (([0, 1], 1.0), ([1], 10.0), ([1], 10.0), ([0, 1], 10.0)):
-        opt.zero_grad()
-        _backward_for(opt, scale * model(torch.tensor(tokens), 1.0))
-        norms.append(float(model.emb.grad.detach().norm()))
-        grad, before = model.emb.grad.detach().clone(), model.emb.detach().clone()
-        state = opt.state[model.emb]
-        v_before = state["exp_hessian_diag_sq"].clone() if state else None
-        opt.step()
+    model, state, norms, grad, before, v_before = _guarded_bag_with_growth("average", lr, eps, beta2)
     counts = state["row_hessian_steps"]
     assert counts.tolist()[:2] == [1, 2]
     n = [x * x for x in norms]
