@@ -149,9 +149,9 @@ def guard_factor(opt, p) -> float | None:
     from hf_adahessian.optimizer import stale_factors
 
     state = opt.state.get(p, {})
-    if "grad_norm_avg" not in state and "grad_sq_avg" not in state:
+    if not opt.stale_guard or not state:
         return None
-    factors = stale_factors(state, opt.param_groups[0], getattr(opt, "stale_guard_reference", "last"))
+    factors = stale_factors(state, opt.param_groups[0], opt.stale_guard_reference)
     if not isinstance(factors, float):
         seen = state["row_hessian_steps"] > 0
         return float(factors[seen].mean()) if bool(seen.any()) else 1.0

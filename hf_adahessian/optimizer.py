@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, NamedTuple
 
 import torch
 from torch.optim.optimizer import Optimizer
@@ -49,6 +49,15 @@ _ROW_KEYS = ("row_hessian_steps", "row_grad_norm_at_estimate", "row_grad_sq_at_e
 # State a parameter has only under some settings (stale_guard, its reference, time_weighted).
 _OPTIONAL_SCALARS = ("grad_norm_avg", "grad_norm_at_estimate", "grad_sq_avg", "grad_sq_at_estimates",
                      "hessian_weight")
+
+
+
+class _RowCounts(NamedTuple):
+    """A row-counted tensor's estimates per row, and v's bias correction 1 − β2^count for each."""
+
+    steps: torch.Tensor
+    correction: torch.Tensor
+
 
 NO_GRAPH_MESSAGE = (
     "AdaHessian needs a Hessian-vector product on this step (hessian_interval={interval}, "
@@ -405,7 +414,7 @@ class AdaHessian(Optimizer):
         ``hessian_steps`` is the exponent of v's bias correction: the count of estimates, or
         under ``time_weighted`` the steps they stand for (``hessian_weight``); rows count alike.
         """
-        params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales = ([] for _ in range(10))
+        params, grads, exp_avgs, exp_hs, diags, rows_seen, row_counts, steps, hsteps, scales = ([] for _ in range(10))
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -429,7 +438,10 @@ class AdaHessian(Optimizer):
                 if "row_hessian_steps" in state:
                     state["row_hessian_steps"].add_(float(v_weight) if rows is None
                                                     else rows.to(torch.float32) * v_weight)
-            scales.append(self._stale_scale(state, grad_norms[p.grad], d is not None, rows, group, v_weight)
+            counts = state.get("row_hessian_steps")
+            # Computed once: the guard's average reference and v̂ divide by the same per-row correction.
+            counts = None if counts is None else _RowCounts(counts, _row_bias_correction(counts, group["betas"][1]))
+            scales.append(self._stale_scale(state, grad_norms[p.grad], d is not None, rows, group, v_weight, counts)
                           if p.grad in grad_norms else 1.0)
             params.append(p)
             grads.append(p.grad)
@@ -437,13 +449,13 @@ class AdaHessian(Optimizer):
             exp_hs.append(state["exp_hessian_diag_sq"])
             diags.append(d)
             rows_seen.append(rows)
-            row_steps.append(state.get("row_hessian_steps"))
+            row_counts.append(counts)
             steps.append(state["step"])
             hsteps.append(estimate_count(state))
-        return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_steps, steps, hsteps, scales
+        return params, grads, exp_avgs, exp_hs, diags, rows_seen, row_counts, steps, hsteps, scales
 
     def _stale_scale(self, state: dict, grad_norm: float, estimated: bool, rows: torch.Tensor | None,
-                     group: dict, v_weight: int) -> float | torch.Tensor:
+                     group: dict, v_weight: int, counts: _RowCounts | None = None) -> float | torch.Tensor:
         """``stale_guard``: the growth of the gradient's scale since the last estimate, at least 1.
 
         Through a linear head, the gradient upstream grows with the head's weights and the
@@ -460,7 +472,7 @@ class AdaHessian(Optimizer):
         beta1, beta2 = group["betas"]
         if self.stale_guard_reference == "average":
             _refresh_average_references(state, grad_norm, estimated, rows, beta2, v_weight)
-            return stale_factors(state, group, "average")
+            return stale_factors(state, group, "average", None if counts is None else counts.correction)
         if "grad_norm_avg" not in state:
             # The first step, or a run resumed without the guard's state: as if earlier steps had this norm.
             state["grad_norm_avg"] = (1 - beta1 ** (state["step"] - 1)) * grad_norm
@@ -571,39 +583,57 @@ def _refresh_row_references(state: dict, current: float, estimated: bool, rows: 
 def _refresh_average_references(state: dict, grad_norm: float, estimated: bool, rows: torch.Tensor | None,
                                 beta2: float, v_weight: int) -> None:
     """``stale_guard_reference="average"``: ‖g‖² averaged over every step, and over the Hessian steps as v
-    averages D² there (decay β2^w; per row where rows are counted apart, the rows starting from the tensor's).
+    averages D² there (decay β2^w; per row where rows are counted apart).
 
     ``state`` already counts this step and its estimate."""
     square = grad_norm * grad_norm
-    if "grad_sq_avg" not in state:
-        # No history: the first step, or a run resumed from a state without these averages (another
-        # reference).  As if every earlier step had this norm: no growth, a factor of 1 to start from.
+    # No history: the first step, or a run resumed from a state without these averages (another
+    # reference).  As if every earlier step had this norm: no growth, a factor of 1 to start from.
+    fresh = "grad_sq_avg" not in state
+    if fresh:
         earlier_estimates = estimate_count(state) - (v_weight if estimated else 0)
         state["grad_sq_avg"] = (1 - beta2 ** (state["step"] - 1)) * square
         state["grad_sq_at_estimates"] = (1 - beta2**earlier_estimates) * square
-        if "row_hessian_steps" in state:  # each row as many times as it was estimated
-            counts = state["row_hessian_steps"]
-            if estimated:
-                counts = counts - (v_weight if rows is None else rows.to(counts.dtype) * v_weight)
-            state["row_grad_sq_at_estimates"] = (1 - torch.full_like(counts, beta2).pow_(counts)) * square
     state["grad_sq_avg"] = beta2 * state["grad_sq_avg"] + (1 - beta2) * square
-    if not estimated:
-        return
     before = state["grad_sq_at_estimates"]
     decay = beta2**v_weight
-    state["grad_sq_at_estimates"] = decay * before + (1 - decay) * square
+    if estimated:
+        state["grad_sq_at_estimates"] = decay * before + (1 - decay) * square
     if "row_hessian_steps" not in state:
         return
     row_avg = state.get("row_grad_sq_at_estimates")
-    if row_avg is None:  # rows are counted apart from now on; until now every estimate saw them all
-        row_avg = state["row_grad_sq_at_estimates"] = torch.full_like(state["row_hessian_steps"], before)
+    if row_avg is None:
+        row_avg = state["row_grad_sq_at_estimates"] = _first_row_averages(
+            state["row_hessian_steps"], estimated, rows, v_weight, beta2, square if fresh else None, before)
+    if not estimated:
+        return
     if rows is None:
         row_avg.mul_(decay).add_((1 - decay) * square)
     else:
         row_avg.copy_(torch.where(rows, decay * row_avg + (1 - decay) * square, row_avg))
 
 
-def _average_stale_factors(state: dict, beta2: float) -> float | torch.Tensor:
+def _first_row_averages(counts: torch.Tensor, estimated: bool, rows: torch.Tensor | None, v_weight: int,
+                        beta2: float, square: float | None, tensor_average: float) -> torch.Tensor:
+    """Each row's ‖g‖² average at its estimates before this step's, when rows start to be counted apart.
+
+    Where the averages have history (``square`` None), this is the first estimate to see only some rows:
+    until now every estimate saw them all, so each row's average is the tensor's.  Without history (a
+    resume), each row is as if its earlier estimates had this step's norm, as often as it was estimated."""
+    if square is None:
+        return torch.full_like(counts, tensor_average)
+    if estimated:
+        counts = counts - (v_weight if rows is None else rows.to(counts.dtype) * v_weight)
+    return (1 - torch.full_like(counts, beta2).pow_(counts)) * square
+
+
+def _row_bias_correction(counts: torch.Tensor, beta2: float) -> torch.Tensor:
+    """1 − β2^count per row; 1 for rows never estimated, whose averages are still 0."""
+    return torch.where(counts > 0, 1 - torch.full_like(counts, beta2).pow_(counts), 1.0)
+
+
+def _average_stale_factors(state: dict, beta2: float,
+                           row_correction: torch.Tensor | None = None) -> float | torch.Tensor:
     """√(ā_steps / ā_estimates), at least 1 (``stale_guard_reference="average"``)."""
     count = estimate_count(state)
     if count == 0 or state.get("grad_sq_at_estimates", 0.0) <= 0:
@@ -615,20 +645,22 @@ def _average_stale_factors(state: dict, beta2: float) -> float | torch.Tensor:
     if row_avg is None:
         return max(1.0, current / reference)
     counts = state["row_hessian_steps"]
-    seen = counts > 0
-    correction = torch.where(seen, 1 - torch.full_like(counts, beta2).pow_(counts), 1.0)
+    if row_correction is None:
+        row_correction = _row_bias_correction(counts, beta2)
     # Rows never estimated take the mean v̂ of the rows seen: the tensor's reference.
-    row_reference = torch.where(seen, row_avg.div(correction).sqrt_(), reference)
+    row_reference = torch.where(counts > 0, row_avg.div(row_correction).sqrt_(), reference)
     return torch.where(row_reference > 0, current / row_reference, 1.0).clamp_(min=1.0)
 
 
-def stale_factors(state: dict, group: dict, reference: str = "last") -> float | torch.Tensor:
+def stale_factors(state: dict, group: dict, reference: str = "last",
+                  row_correction: torch.Tensor | None = None) -> float | torch.Tensor:
     """The stale guard's factor on a parameter's denominator, from its state and its group's betas and
     power: the running gradient scale now over the one at the last estimate (``reference="last"``) or the
-    averages' ratio (``"average"``), at least 1; one per row where rows are counted apart."""
+    averages' ratio (``"average"``), at least 1; one per row where rows are counted apart (``row_correction``:
+    the rows' bias correction of v, where the caller has it already)."""
     (beta1, beta2), hessian_power = group["betas"], group["hessian_power"]
     if reference == "average":
-        factors = _average_stale_factors(state, beta2)
+        factors = _average_stale_factors(state, beta2, row_correction)
         if isinstance(factors, float):
             return factors**hessian_power
         return factors if hessian_power == 1.0 else factors.pow_(hessian_power)
@@ -713,7 +745,8 @@ def adahessian(
     reuse its v;
     ``observed_rows[i]`` is None when D covers every row, else which rows it saw
     (v moves only there).  ``row_hessian_steps[i]`` is None while every row has
-    been seen on each of the tensor's Hessian steps, else each row's count.  A
+    been seen on each of the tensor's Hessian steps, else each row's count (the
+    optimizer passes it with its bias correction, computed once a step).  A
     parameter whose v has never been updated only accumulates momentum: with
     v = 0 its step would be m/eps.  ``denominator_scales[i]`` multiplies parameter i's
     (√v̂)^k (the stale guard; 1 by default; one factor per row where rows are counted
@@ -726,8 +759,10 @@ def adahessian(
         foreach = _default_foreach(params)
     if denominator_scales is None:
         denominator_scales = [1.0] * len(params)
+    row_counts = [c if c is None or isinstance(c, _RowCounts) else _RowCounts(c, _row_bias_correction(c, beta2))
+                  for c in row_hessian_steps]
     fn = _multi_tensor_adahessian if foreach else _single_tensor_adahessian
-    fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_hessian_steps, steps,
+    fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
        hessian_steps, denominator_scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
        hessian_power=hessian_power, update_clip=update_clip, min_row_estimates=min_row_estimates,
        beta2_now=beta2 if v_weight == 1 else beta2**v_weight)
@@ -768,21 +803,21 @@ def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta
         v.mul_(torch.where(_row_view(rows, v), beta2, 1.0)).addcmul_(d, d, value=1 - beta2)
 
 
-def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2: float, hessian_power: float,
+def _denominator(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2: float, hessian_power: float,
                  eps: float, scale: float | torch.Tensor = 1.0, min_row_estimates: int = 1) -> torch.Tensor:
     """scale·(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen,
     and rows with fewer than ``min_row_estimates`` estimates at least that.
 
     One parameter-sized buffer, as for the plain rule: the per-row work is on row-sized vectors.
     """
-    if row_steps is None:
+    if row_counts is None:
         # A product by the reciprocal, as the foreach core does: CUDA divides by a scalar that
         # way, so dividing here would round differently from the foreach kernels there.
         return _power_plus_eps_(v.mul(1 / (1 - beta2**s)), hessian_power, eps, scale)
+    row_steps = row_counts.steps
     seen = row_steps > 0
-    # Rows never seen have v = 0: divide them by 1, then put the fallback in their place.
-    correction = torch.where(seen, 1 - torch.full_like(row_steps, beta2).pow_(row_steps), 1.0)
-    v_hat = v.div(_row_view(correction, v))
+    # Rows never seen have v = 0 and a correction of 1; the fallback takes their place below.
+    v_hat = v.div(_row_view(row_counts.correction, v))
     # A sharded (FSDP2) tensor's reductions are completed across the shards (_whole), so that every
     # rank takes the same branch and the same fallback.
     floored = row_steps < max(min_row_estimates, 1)
@@ -798,11 +833,11 @@ def _denominator(v: torch.Tensor, s: int, row_steps: torch.Tensor | None, beta2:
     return _power_plus_eps_(v_hat, hessian_power, eps, scale)
 
 
-def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, scales, *,
+def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts, steps, hsteps, scales, *,
                               lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, min_row_estimates=1,
                               beta2_now=None):
     beta2_now = beta2 if beta2_now is None else beta2_now
-    for p, g, m, v, d, rows, counts, t, s, scale in zip(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps,
+    for p, g, m, v, d, rows, counts, t, s, scale in zip(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts,
                                                         steps, hsteps, scales):
         m.lerp_(g.to(m.dtype), 1 - beta1)
         if d is not None:
@@ -822,16 +857,16 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, ro
             p.copy_(p32)
 
 
-def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps, steps, hsteps, scales, *,
+def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts, steps, hsteps, scales, *,
                              lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, min_row_estimates=1,
                              beta2_now=None):
     beta2_now = beta2 if beta2_now is None else beta2_now
     # Tensors whose rows were seen unevenly (embeddings under partial coverage) are few:
     # they take the for-loop; the rest go through the foreach kernels.
-    uneven = [i for i in range(len(params)) if rows_seen[i] is not None or row_steps[i] is not None]
+    uneven = [i for i in range(len(params)) if rows_seen[i] is not None or row_counts[i] is not None]
     if uneven:
         pick = lambda xs: [xs[i] for i in uneven]  # noqa: E731
-        _single_tensor_adahessian(*(pick(xs) for xs in (params, grads, exp_avgs, exp_hs, ds, rows_seen, row_steps,
+        _single_tensor_adahessian(*(pick(xs) for xs in (params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts,
                                                         steps, hsteps, scales)),
                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                                   hessian_power=hessian_power, update_clip=update_clip,

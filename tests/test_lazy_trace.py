@@ -124,11 +124,15 @@ def test_the_guard_factor_is_the_gradient_growth_since_the_estimate_per_tensor_o
     state = {p: {"step": 1, "grad_norm_avg": 2.0, "grad_norm_at_estimate": 1.0},
              q: {"step": 1, "grad_norm_avg": 2.0, "row_hessian_steps": torch.tensor([1.0, 2.0, 0.0]),
                  "row_grad_norm_at_estimate": torch.tensor([1.0, 8.0, 0.5])},
-             r: {"step": 1}}
-    opt = types.SimpleNamespace(state=state, param_groups=[{"betas": (0.5, 0.999), "hessian_power": 1.0}])
+             r: {}}
+    groups = [{"betas": (0.5, 0.999), "hessian_power": 1.0}]
+    opt = types.SimpleNamespace(state=state, param_groups=groups, stale_guard=True, stale_guard_reference="last")
     assert guard_factor(opt, p) == 4.0
     assert guard_factor(opt, q) == 2.5  # rows 0 and 1: 4/1 and max(1, 4/8); row 2 never estimated
-    assert guard_factor(opt, r) is None
+    assert guard_factor(opt, r) is None  # not stepped yet
+    unguarded = types.SimpleNamespace(state=state, param_groups=groups, stale_guard=False,
+                                      stale_guard_reference="last")
+    assert guard_factor(unguarded, p) is None
 
 
 def _tiny_model():
