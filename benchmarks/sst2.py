@@ -80,6 +80,10 @@ OPTIMIZERS = specs.registry(
     # The every-20 schedule with the guard's average reference: the lazy v̂ where a Hessian on every step has it.
     specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, stale_guard_reference="average",
                      hessian_estimator="finite_difference", note="the recipe's lr"),
+    # ... and with the authors' other power (m̂ / (v̂^(1/4) + eps)), which tempers a small or noisy estimate.
+    specs.adahessian(20, 0.15, POWER_GRID, hessian_power=0.5, hessian_warmup=15, stale_guard=True,
+                     stale_guard_reference="average", hessian_estimator="finite_difference",
+                     note="lr not searched: adahessian_h1_p05's"),
     # More probes on the lazy Hessian steps, whose cost the interval amortises (the exact estimator:
     # forward differences take one probe), against the same schedule with one.
     *(specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, n_samples=n,
