@@ -85,10 +85,10 @@ OPTIMIZERS = specs.registry(
                      stale_guard_reference="average", hessian_estimator="finite_difference",
                      note="lr not searched: adahessian_h1_p05's"),
     # ... and with the coordinates of little curvature bounded: a larger eps (their step tends to lr·m̂/eps),
-    # or m̂/denominator clipped (Sophia's bound).
+    # or m̂/denominator clipped (Sophia's bound); and with v weighting each estimate by the steps it stands for.
     *(specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, stale_guard_reference="average",
                        hessian_estimator="finite_difference", note="the recipe's lr", **bound)
-      for bound in ({"eps": 1e-3}, {"eps": 1e-2}, {"update_clip": 1.0})),
+      for bound in ({"eps": 1e-3}, {"eps": 1e-2}, {"update_clip": 1.0}, {"time_weighted": True})),
     # More probes on the lazy Hessian steps, whose cost the interval amortises (the exact estimator:
     # forward differences take one probe), against the same schedule with one.
     *(specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, n_samples=n,
