@@ -135,6 +135,12 @@ class AdaHessian(Optimizer):
             over steps as interval 1 does, not over estimates, and the warm-up's estimates,
             taken while the head was random, do not outweigh the later ones.  The paper's rule
             wherever every step has an estimate.
+        clip_hessian: a Hessian step's estimate enters v multiplied by the factor its gradient
+            was clipped by (``gradient_clipped``; the Trainer tells it ``--max_grad_norm``'s).
+            Clipping the gradient by c is then taking the step of c·loss, whose curvature is
+            c·H: m̂/√v̂ is unchanged by a steady clip, as Adam's m/√v is, and clipping bounds only
+            the steps that stand out.  Without it (the default) clipping shrinks m̂ and not v̂,
+            a lower learning rate wherever the gradient's norm stays above the bound.
         n_samples: Rademacher probes per Hessian estimate.
         block_size: average |D| over contiguous blocks of this size along the last
             dimension of tensors with two or more dims (32 in the transformer recipe).
@@ -165,6 +171,7 @@ class AdaHessian(Optimizer):
         min_row_estimates: int = 1,
         update_clip: float | None = None,
         time_weighted: bool = False,
+        clip_hessian: bool = False,
         n_samples: int = 1,
         block_size: int = 1,
         average_conv_kernel: bool = True,
@@ -193,6 +200,8 @@ class AdaHessian(Optimizer):
         self.min_row_estimates = min_row_estimates
         self.update_clip = update_clip
         self.time_weighted = bool(time_weighted)
+        self.clip_hessian = bool(clip_hessian)
+        self._clip_factor = 1.0
         self.n_samples = n_samples
         self.hessian_estimator = hessian_estimator
         self.fd_scheme = fd_scheme
@@ -254,6 +263,15 @@ class AdaHessian(Optimizer):
         return any(p.grad is not None and self.state.get(p, {}).get("hessian_step", 0) == 0
                    for p in self.trainable_params())
 
+    def gradient_clipped(self, factor: float) -> None:
+        """Say that the gradient of the step about to be taken was multiplied by ``factor`` (clipping: at most 1).
+
+        Read by ``clip_hessian`` only, and by the next ``step()`` only.  The Trainer calls it after
+        ``--max_grad_norm``'s clipping; a loop of your own calls it with what it clipped by
+        (``min(1, max_norm / (norm + 1e-6))``, torch's ``clip_grad_norm_`` factor, from the norm it returns).
+        """
+        self._clip_factor = float(factor)
+
     def trainable_params(self) -> list[torch.Tensor]:
         """The parameters AdaHessian estimates and updates, in group order (the order of the probes)."""
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -284,6 +302,7 @@ class AdaHessian(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._estimate = None
+        self._clip_factor = 1.0
 
     def _initialising_state(self) -> bool:
         """A step at lr 0 on zero gradients into an empty state: torch.distributed.checkpoint making the
@@ -306,6 +325,7 @@ class AdaHessian(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         hessian_step = self.is_hessian_step()
+        clip_factor, self._clip_factor = self._clip_factor, 1.0
         loss = None
         estimate, self._estimate = self._estimate, None
         if closure is not None:
@@ -368,7 +388,7 @@ class AdaHessian(Optimizer):
                 *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
                 update_clip=self.update_clip, min_row_estimates=self.min_row_estimates, v_weight=v_weight,
-                foreach=group["foreach"],
+                estimate_scale=clip_factor if self.clip_hessian else 1.0, foreach=group["foreach"],
             )
         return loss
 
@@ -735,6 +755,7 @@ def adahessian(
     update_clip: float | None = None,
     min_row_estimates: int = 1,
     v_weight: int = 1,
+    estimate_scale: float = 1.0,
     foreach: bool | None = None,
 ) -> None:
     """One AdaHessian update of ``params`` in place; moments are fp32.
@@ -753,7 +774,8 @@ def adahessian(
     apart); ``update_clip`` bounds m̂/denominator.  A row counted apart with fewer than
     ``min_row_estimates`` estimates takes at least the mean v̂ of the rows estimated.
     ``v_weight`` w: the steps this step's estimates stand for; v decays by β2^w and takes
-    1 − β2^w of D² (``time_weighted``; 1 is the paper's EMA).
+    1 − β2^w of D² (``time_weighted``; 1 is the paper's EMA).  ``estimate_scale`` c: D enters v as c·D
+    (``clip_hessian``: the gradient's clip factor).
     """
     if foreach is None:
         foreach = _default_foreach(params)
@@ -765,7 +787,7 @@ def adahessian(
     fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
        hessian_steps, denominator_scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
        hessian_power=hessian_power, update_clip=update_clip, min_row_estimates=min_row_estimates,
-       beta2_now=beta2 if v_weight == 1 else beta2**v_weight)
+       beta2_now=beta2 if v_weight == 1 else beta2**v_weight, d_scale=estimate_scale)
 
 
 def _power_plus_eps_(v_hat: torch.Tensor, hessian_power: float, eps: float,
@@ -793,14 +815,15 @@ def _v_as(v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return v if d.shape == v.shape else v.view(d.shape)
 
 
-def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta2: float) -> None:
-    """v ← β2·v + (1 − β2)·D², on the observed rows only (``beta2`` here: this step's decay, β2^w)."""
+def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta2: float,
+               d_scale: float = 1.0) -> None:
+    """v ← β2·v + (1 − β2)·(cD)², on the observed rows only (``beta2`` here: this step's decay, β2^w)."""
     v = _v_as(v, d)
     if rows is None:
-        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        v.mul_(beta2).addcmul_(d, d, value=(1 - beta2) * d_scale**2)
     else:
         # D is exactly zero on the rows it did not observe: only the decay needs a mask.
-        v.mul_(torch.where(_row_view(rows, v), beta2, 1.0)).addcmul_(d, d, value=1 - beta2)
+        v.mul_(torch.where(_row_view(rows, v), beta2, 1.0)).addcmul_(d, d, value=(1 - beta2) * d_scale**2)
 
 
 def _denominator(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2: float, hessian_power: float,
@@ -835,13 +858,13 @@ def _denominator(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2: 
 
 def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts, steps, hsteps, scales, *,
                               lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, min_row_estimates=1,
-                              beta2_now=None):
+                              beta2_now=None, d_scale=1.0):
     beta2_now = beta2 if beta2_now is None else beta2_now
     for p, g, m, v, d, rows, counts, t, s, scale in zip(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts,
                                                         steps, hsteps, scales):
         m.lerp_(g.to(m.dtype), 1 - beta1)
         if d is not None:
-            _update_v_(v, d, rows, beta2_now)
+            _update_v_(v, d, rows, beta2_now, d_scale)
         if s == 0:
             continue
         p32 = p if p.dtype == _state_dtype(p) else p.float()
@@ -859,7 +882,7 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, ro
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts, steps, hsteps, scales, *,
                              lr, beta1, beta2, eps, weight_decay, hessian_power, update_clip, min_row_estimates=1,
-                             beta2_now=None):
+                             beta2_now=None, d_scale=1.0):
     beta2_now = beta2 if beta2_now is None else beta2_now
     # Tensors whose rows were seen unevenly (embeddings under partial coverage) are few:
     # they take the for-loop; the rest go through the foreach kernels.
@@ -870,7 +893,7 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
                                                         steps, hsteps, scales)),
                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                                   hessian_power=hessian_power, update_clip=update_clip,
-                                  min_row_estimates=min_row_estimates, beta2_now=beta2_now)
+                                  min_row_estimates=min_row_estimates, beta2_now=beta2_now, d_scale=d_scale)
         even = [i for i in range(len(params)) if i not in set(uneven)]
         params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales = (
             [xs[i] for i in even] for xs in (params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales))
@@ -883,7 +906,7 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
         dd = [ds[i] for i in with_d]
         vs = [_v_as(exp_hs[i], d) for i, d in zip(with_d, dd)]
         torch._foreach_mul_(vs, beta2_now)
-        torch._foreach_addcmul_(vs, dd, dd, value=1 - beta2_now)
+        torch._foreach_addcmul_(vs, dd, dd, value=(1 - beta2_now) * d_scale**2)
     live = [i for i, s in enumerate(hsteps) if s > 0]
     if not live:
         return

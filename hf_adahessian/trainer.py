@@ -14,6 +14,8 @@ Only these differ from the stock Trainer, and only with ``--optim adahessian``:
   (transformers 5 assumes so for any forward with ``**kwargs``, and would otherwise
   train a head that ignores it on a loss multiplied by the accumulation steps and
   the number of processes);
+* ``_clip_grad_norm`` tells the optimizer what ``--max_grad_norm`` clipped the gradient by
+  (``clip_hessian`` scales the step's estimate by it);
 * ``log`` adds the Hessian statistics, and the end of training logs a summary.
 
 Clipping, the loss scaler, the scheduler, checkpoints and logging stay the Trainer's.
@@ -128,6 +130,14 @@ class AdaHessianTrainerMixin:
             )
         self.hessian_seconds += time.perf_counter() - start
         return loss
+
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        optimizer = self.adahessian
+        if optimizer is not None and optimizer.clip_hessian and norm is not None:
+            # torch's clip_grad_norm_ multiplies by max_norm / (norm + 1e-6), at most 1.
+            optimizer.gradient_clipped(min(1.0, self.args.max_grad_norm / (float(norm) + 1e-6)))
+        return norm
 
     def _fsdp_syncs_now(self) -> bool:
         """Whether FSDP2 reduces this micro-batch's gradients (accelerate's no_sync turns it off before the last)."""

@@ -1271,3 +1271,56 @@ def test_update_clip_bounds_every_coordinates_step_by_lr_times_the_clip(foreach)
     assert steps[clip][1].item() == pytest.approx(lr * clip)
     # The curved one (m̂/√v̂ = 1): not clipped.
     assert steps[clip][0] == steps[None][0] == pytest.approx(lr, rel=1e-3)
+
+
+# =====================================================================================
+# clip_hessian: a clipped gradient's step is the step of the scaled loss
+# =====================================================================================
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("settings", [{}, {"hessian_interval": 3},
+                                      {"hessian_interval": 3, "stale_guard": True, "stale_guard_reference": "average"}],
+                         ids=["every step", "every third", "every third, guarded"])
+def test_clip_hessian_makes_a_clipped_step_the_step_of_the_loss_scaled_by_the_clip_factor(foreach, settings):
+    """Clipping multiplies the gradient by c; the loss c·f has gradient c·g and curvature c·H.  Told c,
+    the optimizer takes c·f's step, in float64 to rounding, with c changing from step to step."""
+    factors = [0.3, 1.0, 0.05, 0.5, 0.8, 0.2]
+    runs = {}
+    for path in ("scaled loss", "clipped"):
+        model = tiny_mlp(0, torch.float64)
+        opt = AdaHessian(model.parameters(), lr=0.05, seed=0, foreach=foreach, clip_hessian=True, **settings)
+        for step, factor in enumerate(factors):
+            opt.zero_grad()
+            x, y = regression_batch(step, dtype=torch.float64)
+            loss = mse(model, x, y)
+            if path == "scaled loss":
+                _backward_for(opt, factor * loss)
+            else:
+                _backward_for(opt, loss)
+                with torch.no_grad():  # as clip_grad_norm_ does: the graph still holds the unclipped gradient
+                    for p in model.parameters():
+                        p.grad.mul_(factor)
+                if factor != 1.0:  # an unclipped step says nothing: the factor said lasts one step
+                    opt.gradient_clipped(factor)
+            opt.step()
+        runs[path] = clone_params(model)
+    for a, b in zip(runs["clipped"], runs["scaled loss"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_without_clip_hessian_the_clip_factor_is_not_applied_to_the_estimate():
+    """The default: v is the unclipped loss's whatever the step is told."""
+    runs = {}
+    for said in (True, False):
+        model = tiny_mlp(0, torch.float64)
+        opt = AdaHessian(model.parameters(), lr=0.05, seed=0)
+        for step in range(2):
+            opt.zero_grad()
+            x, y = regression_batch(step, dtype=torch.float64)
+            _backward_for(opt, mse(model, x, y))
+            if said:
+                opt.gradient_clipped(0.1)
+            opt.step()
+        runs[said] = [opt.state[p]["exp_hessian_diag_sq"].clone() for p in model.parameters()]
+    assert_all_equal(runs[True], runs[False], "v")

@@ -571,6 +571,23 @@ def test_clipping_clips_the_gradient_not_the_hessian(make_args, make_bert, make_
     assert norm(m_unclipped) > 10 * norm(m_clipped)
 
 
+def test_clip_hessian_clips_the_estimate_by_the_gradients_factor(make_args, make_bert, make_dataset):
+    dataset = make_dataset(16)
+    clipped = train(make_bert(), make_args(max_steps=1, max_grad_norm=1e-3, optim_args="clip_hessian=true"), dataset)
+    unclipped = train(make_bert(), make_args(max_steps=1, max_grad_norm=0.0, optim_args="clip_hessian=true"), dataset)
+
+    beta1 = clipped.args.adam_beta1
+    norm = lambda ts: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts])).item()
+    gradient_norm = norm(optimizer_state(unclipped, "exp_avg")) / (1 - beta1)  # m = (1 - β1) g
+    factor = 1e-3 / (gradient_norm + 1e-6)  # what clip_grad_norm_ multiplied the gradient by
+    assert factor < 1e-2
+    # The step of factor·loss: its gradient and its curvature, both scaled.
+    for a, b in zip(optimizer_state(clipped, "exp_hessian_diag_sq"), optimizer_state(unclipped, "exp_hessian_diag_sq")):
+        torch.testing.assert_close(a, factor**2 * b, rtol=1e-4, atol=0.0)
+    for a, b in zip(optimizer_state(clipped, "exp_avg"), optimizer_state(unclipped, "exp_avg")):
+        torch.testing.assert_close(a, factor * b, rtol=1e-4, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- mixed precision
 
 
