@@ -60,10 +60,13 @@ class PhaseTimer:
 
 
 def finish_step(optimizer, params, phase: Phase, update: str = "update", max_grad_norm: float = MAX_GRAD_NORM):
-    """Clipping, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, as the Trainer does."""
+    """Clipping (its factor told to ``clip_hessian``), ``step()``, ``zero_grad(set_to_none=True)``, in turn."""
     if max_grad_norm and max_grad_norm > 0:
         with phase("clip"):
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if getattr(optimizer, "clip_hessian", False):
+                # As the Trainer's clipping does: the estimate is scaled with the gradient.
+                optimizer.gradient_clipped(min(1.0, max_grad_norm / (float(norm) + 1e-6)))
     with phase(update):
         optimizer.step()
     with phase("zero_grad"):
