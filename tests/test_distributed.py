@@ -54,8 +54,8 @@ WORLD = 2
 BATCH = 2  # per rank; the reference uses WORLD * BATCH
 MAX_STEPS = 4
 
-TRAINER_CASES = ["adahessian", "adahessian_i2_ga2", "adahessian_i2_ga2_fp64", "adahessian_fd", "adahessian_fd_fp64",
-                 "adahessian_rare_head", "adahessian_clm", "adamw"]
+TRAINER_CASES = ["adahessian", "adahessian_i2_ga2", "adahessian_i2_ga2_fp64", "adahessian_i2_ga2_ch_fp64",
+                 "adahessian_fd", "adahessian_fd_fp64", "adahessian_rare_head", "adahessian_clm", "adamw"]
 SYNCED = TRAINER_CASES + ["standalone"]
 # Distributed cases with the package's all-reduce sabotaged -> the synced case they should match.
 SABOTAGED = {
@@ -63,7 +63,8 @@ SABOTAGED = {
     "adahessian_grads_only": "adahessian",
     "adahessian_i2_ga2_no_allreduce": "adahessian_i2_ga2",
 }
-GRAD_ACC = {"adahessian": 1, "adahessian_i2_ga2": 2, "adahessian_i2_ga2_fp64": 2, "adahessian_fd": 1,
+GRAD_ACC = {"adahessian": 1, "adahessian_i2_ga2": 2, "adahessian_i2_ga2_fp64": 2, "adahessian_i2_ga2_ch_fp64": 2,
+            "adahessian_fd": 1,
             "adahessian_fd_fp64": 1, "adahessian_rare_head": 1, "adahessian_clm": 2, "adamw": 1, "standalone": 1}
 MODEL = {"adahessian_rare_head": "RareHeadBert", "adahessian_clm": "GPT2LMHeadModel"}
 
@@ -84,7 +85,8 @@ RTOL, ATOL = 1e-5, 5e-6
 # in float64, 5e-10 of the distance).
 LOOSER = {"adahessian_fd": (5e-3, 1e-3), "adahessian_clm": (5e-4, 1e-4)}
 # (The logged loss goes through the Trainer's float32 running sum, hence 1e-6 for the logs.)
-TIGHTER = {"adahessian_i2_ga2_fp64": (1e-10, 1e-6), "adahessian_fd_fp64": (1e-8, 1e-6)}
+TIGHTER = {"adahessian_i2_ga2_fp64": (1e-10, 1e-6), "adahessian_i2_ga2_ch_fp64": (1e-10, 1e-6),
+           "adahessian_fd_fp64": (1e-8, 1e-6)}
 CASE_TOLERANCE = {**LOOSER, **TIGHTER}
 # What "different" means for the sabotaged runs, and how far training must move the parameters.
 CLEARLY_DIFFERENT = 1e-3

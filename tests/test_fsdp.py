@@ -38,7 +38,7 @@ CASES = {"loop_fd_fp64": 1e-7, "loop_fd_central_fp64": 1e-9, "loop_fd": 2e-2}
 # (2.4e-6 of the distance on one machine, 3.4e-5 on another, in one position-embedding entry).
 TRAINER_CASES = {"trainer_adamw": 1e-4, "trainer_adamw_ga2_fp64": 1e-9, "trainer_fd_fp64": 1e-7,
                  "trainer_fd_i2_ga2_fp64": 1e-7, "trainer_fd_i2_sg_fp64": 1e-7, "trainer_fd_i2_sga_fp64": 1e-7,
-                 "trainer_fd": 2e-2}
+                 "trainer_fd_i2_sga_ch_fp64": 1e-7, "trainer_fd": 2e-2}
 RESUMES = ("trainer_fd_resume_fp64", "trainer_fd_resume_sga_fp64")
 
 pytestmark = [

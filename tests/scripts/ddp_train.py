@@ -104,6 +104,10 @@ CASES["adahessian_i2_ga2_no_allreduce"] = dict(CASES["adahessian_i2_ga2"], patch
 # The same in float64: the accumulation and the all-reduce are linear, so what remains between the
 # ranks and one process is float64 round-off, whatever fp32 rounding the denominators amplify.
 CASES["adahessian_i2_ga2_fp64"] = dict(CASES["adahessian_i2_ga2"], optim_args="hessian_interval=2", dtype=torch.float64)
+# clip_hessian: the clipping factor of the whole (all-reduced, accumulated) gradient scales the estimate;
+# --max_grad_norm 1e-3 clips every step.
+CASES["adahessian_i2_ga2_ch_fp64"] = dict(CASES["adahessian_i2_ga2_fp64"], trainer_args={"max_grad_norm": 1e-3},
+                                          optim_args="hessian_interval=2,clip_hessian=true")
 
 
 def make_dataset(kind: str = "bert") -> list[dict[str, torch.Tensor]]:
