@@ -29,9 +29,11 @@ SOPHIA_GRID = (0.01, 0.03, 0.06, 0.1)
 # Learning rates: the comparison's (from the short search in BENCHMARKS.md) and each optimizer's grid.
 # From scratch, the authors' transformer recipe: |D| averaged over blocks of 32.  AdamW's 7e-4 is the best of
 # its grid widened on 2026-12-05 (5e-4 until then, chosen from 5e-4 and 1e-3 alone).  The every-20 schedule's
-# 0.05 is its own search's (0.02 to 0.1, results/multi30k/lr_search_h20*/; it ran at 0.03 until then).
+# 0.05 is its own search's (0.02 to 0.1, results/multi30k/lr_search_h20*/; it ran at 0.03 until then), and
+# with clip_hessian 0.03 is (0.015 to 0.05, results/multi30k/lr_search_sga_ch*/; it ran at 0.05 until then).
 OPTIMIZERS = specs.from_scratch_registry(7e-4, (2e-4, 3e-4, 5e-4, 7e-4, 1e-3), 0.03, HESSIAN_GRID, 0.06,
-                                         SOPHIA_GRID, h20=(0.05, (0.02, 0.03, 0.05, 0.07, 0.1)))
+                                         SOPHIA_GRID, h20=(0.05, (0.02, 0.03, 0.05, 0.07, 0.1)),
+                                         h20_clip_hessian=(0.03, (0.015, 0.02, 0.03, 0.04, 0.05)))
 DEFAULT = specs.FROM_SCRATCH_DEFAULT
 
 # Optimizer steps (batch 32), training pairs (None: all 29,000), validation pairs (1,014 in all).

@@ -309,12 +309,15 @@ def sophiah(interval: int, lr: float, grid) -> OptimizerSpec:
 
 
 def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_lr: float, sophia_grid,
-                          h1_note: str = "", h20: tuple[float, tuple] | None = None) -> dict[str, OptimizerSpec]:
+                          h1_note: str = "", h20: tuple[float, tuple] | None = None,
+                          h20_clip_hessian: tuple[float, tuple] | None = None) -> dict[str, OptimizerSpec]:
     """The registry of a transformer trained from scratch (Multi30k, the LM): AdamW; AdaHessian with the
     authors' transformer recipe (|D| averaged over blocks of 32) at intervals 1 and 10 and by finite
     differences, the lazy rows at ``adahessian_h1_b32``'s lr (the every-20 schedule after 15 dense steps at
-    ``h20``'s (lr, grid) where the task searched it on its own); the peers and the plain-loop control."""
+    ``h20``'s (lr, grid) where the task searched it on its own, and with ``clip_hessian`` at
+    ``h20_clip_hessian``'s); the peers and the plain-loop control."""
     h20_lr, h20_grid = h20 or (lr, grid)
+    ch_lr, ch_grid = h20_clip_hessian or (h20_lr, h20_grid)
     followed = "lr not searched: adahessian_h1_b32's"
     return registry(
         adamw(adamw_lr, adamw_grid),
@@ -352,9 +355,9 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
                    stale_guard_reference="average", hessian_estimator="finite_difference",
                    note="the lr of the row with the last-estimate guard"),
         # ... with the estimate clipped by the gradient's clip factor (clip_hessian).
-        adahessian(20, h20_lr, h20_grid, block_size=32, hessian_warmup=15, stale_guard=True,
+        adahessian(20, ch_lr, ch_grid, block_size=32, hessian_warmup=15, stale_guard=True,
                    stale_guard_reference="average", clip_hessian=True, hessian_estimator="finite_difference",
-                   note="the lr of the row without clip_hessian"),
+                   note="lr searched on its own grid" if h20_clip_hessian else "the row without clip_hessian's lr"),
         torch_optimizer_adahessian(lr, grid),
         pytorch_optimizer_adahessian(lr, grid),
         sophiah(1, sophia_lr, sophia_grid),
