@@ -64,8 +64,8 @@ SABOTAGED = {
     "adahessian_i2_ga2_no_allreduce": "adahessian_i2_ga2",
 }
 GRAD_ACC = {"adahessian": 1, "adahessian_i2_ga2": 2, "adahessian_i2_ga2_fp64": 2, "adahessian_i2_ga2_ch_fp64": 2,
-            "adahessian_fd": 1,
-            "adahessian_fd_fp64": 1, "adahessian_rare_head": 1, "adahessian_clm": 2, "adamw": 1, "standalone": 1}
+            "adahessian_fd": 1, "adahessian_fd_fp64": 1, "adahessian_rare_head": 1, "adahessian_clm": 2, "adamw": 1,
+            "standalone": 1}
 MODEL = {"adahessian_rare_head": "RareHeadBert", "adahessian_clm": "GPT2LMHeadModel"}
 
 # float32 round-off after 4 steps; see the module docstring.
