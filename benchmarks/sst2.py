@@ -98,7 +98,7 @@ OPTIMIZERS = specs.registry(
     specs.adahessian(10, 1e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, stale_guard_reference="average",
                      clip_hessian=True, hessian_estimator="finite_difference", note="the every-20 row's lr"),
     specs.adahessian(1, 1e-2, HESSIAN_GRID, clip_hessian=True, hessian_estimator="finite_difference",
-                     note="not run yet: the lazy row's full-budget lr"),
+                     note="the lazy row's full-budget lr"),
     # More probes on the lazy Hessian steps, whose cost the interval amortises (the exact estimator:
     # forward differences take one probe), against the same schedule with one.
     *(specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, n_samples=n,
