@@ -66,7 +66,7 @@ def finish_step(optimizer, params, phase: Phase, update: str = "update", max_gra
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             if getattr(optimizer, "clip_hessian", False):
                 # As the Trainer's clipping does: the estimate is scaled with the gradient.
-                optimizer.gradient_clipped(min(1.0, max_grad_norm / (float(norm) + 1e-6)))
+                optimizer.gradient_clipped_by_norm(norm, max_grad_norm)
     with phase(update):
         optimizer.step()
     with phase("zero_grad"):

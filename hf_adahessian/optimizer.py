@@ -267,10 +267,14 @@ class AdaHessian(Optimizer):
         """Say that the gradient of the step about to be taken was multiplied by ``factor`` (clipping: at most 1).
 
         Read by ``clip_hessian`` only, and by the next ``step()`` only.  The Trainer calls it after
-        ``--max_grad_norm``'s clipping; a loop of your own calls it with what it clipped by
-        (``min(1, max_norm / (norm + 1e-6))``, torch's ``clip_grad_norm_`` factor, from the norm it returns).
+        ``--max_grad_norm``'s clipping; a loop of your own calls it with what it clipped by, or
+        ``gradient_clipped_by_norm`` with the norm ``clip_grad_norm_`` returned.
         """
         self._clip_factor = float(factor)
+
+    def gradient_clipped_by_norm(self, norm, max_norm: float) -> None:
+        """``gradient_clipped`` with torch's ``clip_grad_norm_`` factor, from the norm it returned."""
+        self.gradient_clipped(min(1.0, max_norm / (float(norm) + 1e-6)))
 
     def trainable_params(self) -> list[torch.Tensor]:
         """The parameters AdaHessian estimates and updates, in group order (the order of the probes)."""

@@ -135,8 +135,7 @@ class AdaHessianTrainerMixin:
         norm = super()._clip_grad_norm(model)
         optimizer = self.adahessian
         if optimizer is not None and optimizer.clip_hessian and norm is not None:
-            # torch's clip_grad_norm_ multiplies by max_norm / (norm + 1e-6), at most 1.
-            optimizer.gradient_clipped(min(1.0, self.args.max_grad_norm / (float(norm) + 1e-6)))
+            optimizer.gradient_clipped_by_norm(norm, self.args.max_grad_norm)
         return norm
 
     def _fsdp_syncs_now(self) -> bool:

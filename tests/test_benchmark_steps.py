@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from benchmarks.steps import finish_step, no_phase
+from hf_adahessian import AdaHessian
 
 
 class _Optimizer:
@@ -14,6 +15,8 @@ class _Optimizer:
 
     def gradient_clipped(self, factor):
         self.factors.append(factor)
+
+    gradient_clipped_by_norm = AdaHessian.gradient_clipped_by_norm
 
     def step(self):
         self.grad_at_step = self.param.grad.clone()
