@@ -99,6 +99,11 @@ OPTIMIZERS = specs.registry(
                      clip_hessian=True, hessian_estimator="finite_difference", note="the every-20 row's lr"),
     specs.adahessian(1, 1e-2, HESSIAN_GRID, clip_hessian=True, hessian_estimator="finite_difference",
                      note="the lazy row's full-budget lr"),
+    # ... and with v forgetting the early estimates (β2 per estimate: 0.95 keeps about the last 20 of them).
+    *(specs.with_beta2(specs.adahessian(20, 1e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True,
+                                        stale_guard_reference="average", clip_hessian=True,
+                                        hessian_estimator="finite_difference"), beta2, note="the every-20 row's lr")
+      for beta2 in (0.99, 0.95, 0.9)),
     # More probes on the lazy Hessian steps, whose cost the interval amortises (the exact estimator:
     # forward differences take one probe), against the same schedule with one.
     *(specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, n_samples=n,
