@@ -330,6 +330,9 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
     h20_lr, h20_grid = h20 or (lr, grid)
     ch_lr, ch_grid = h20_clip_hessian or (h20_lr, h20_grid)
     followed = "lr not searched: adahessian_h1_b32's"
+    clipped = adahessian(20, ch_lr, ch_grid, block_size=32, hessian_warmup=15, stale_guard=True,
+                         stale_guard_reference="average", clip_hessian=True, hessian_estimator="finite_difference",
+                         note="lr searched on its own grid" if h20_clip_hessian else "the row without clip_hessian's lr")
     return registry(
         adamw(adamw_lr, adamw_grid),
         adahessian(1, lr, grid, block_size=32, note=h1_note),
@@ -365,10 +368,10 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
         adahessian(20, h20_lr, h20_grid, block_size=32, hessian_warmup=15, stale_guard=True,
                    stale_guard_reference="average", hessian_estimator="finite_difference",
                    note="the lr of the row with the last-estimate guard"),
-        # ... with the estimate clipped by the gradient's clip factor (clip_hessian).
-        adahessian(20, ch_lr, ch_grid, block_size=32, hessian_warmup=15, stale_guard=True,
-                   stale_guard_reference="average", clip_hessian=True, hessian_estimator="finite_difference",
-                   note="lr searched on its own grid" if h20_clip_hessian else "the row without clip_hessian's lr"),
+        # ... with the estimate clipped by the gradient's clip factor (clip_hessian), and with v forgetting
+        # the early estimates (β2 per estimate) at that row's lr.
+        clipped,
+        *(with_beta2(clipped, beta2, note="the row at β2 0.999's lr") for beta2 in (0.95, 0.9)),
         torch_optimizer_adahessian(lr, grid),
         pytorch_optimizer_adahessian(lr, grid),
         sophiah(1, sophia_lr, sophia_grid),
