@@ -275,13 +275,13 @@ def lora(spec: OptimizerSpec, lr: float, grid, note: str = "") -> OptimizerSpec:
                                script_extra=spec.script_extra + LORA_FLAGS, note=note)
 
 
-def with_beta2(spec: OptimizerSpec, beta2: float, lr: float | None = None, note: str = "") -> OptimizerSpec:
+def with_beta2(spec: OptimizerSpec, beta2: float, note: str = "") -> OptimizerSpec:
     """``spec`` with v's decay at ``beta2`` (the Trainer's ``--adam_beta2``): ``<name>_beta2_<beta2>``.
 
     The lazy schedules update v only on Hessian steps, so at 0.999 v̂ is close to the plain mean of
     every estimate since the first (fine-tuning's earliest, taken while the head was random, among
     them); a smaller β2 forgets them within about 1/(1 − β2) estimates."""
-    return dataclasses.replace(spec, name=f"{spec.name}_beta2_{beta2:g}", lr=spec.lr if lr is None else lr,
+    return dataclasses.replace(spec, name=f"{spec.name}_beta2_{beta2:g}",
                                script_extra=spec.script_extra + ("--adam_beta2", f"{beta2:g}"),
                                note=note or spec.note)
 
