@@ -263,18 +263,25 @@ class AdaHessian(Optimizer):
         return any(p.grad is not None and self.state.get(p, {}).get("hessian_step", 0) == 0
                    for p in self.trainable_params())
 
-    def gradient_clipped(self, factor: float) -> None:
+    def gradient_clipped(self, factor: float | torch.Tensor) -> None:
         """Say that the gradient of the step about to be taken was multiplied by ``factor`` (clipping: at most 1).
 
         Read by ``clip_hessian`` only, and by the next ``step()`` only.  The Trainer calls it after
         ``--max_grad_norm``'s clipping; a loop of your own calls it with what it clipped by, or
-        ``gradient_clipped_by_norm`` with the norm ``clip_grad_norm_`` returned.
+        ``gradient_clipped_by_norm`` with the norm ``clip_grad_norm_`` returned.  A tensor stays where
+        it is until a Hessian step reads it in the step's one host sync: the factor of a step without
+        an estimate is never needed, and reading it at once would cost a sync every step on a GPU.
         """
-        self._clip_factor = float(factor)
+        self._clip_factor = factor if isinstance(factor, torch.Tensor) else float(factor)
 
     def gradient_clipped_by_norm(self, norm, max_norm: float) -> None:
         """``gradient_clipped`` with torch's ``clip_grad_norm_`` factor, from the norm it returned."""
-        self.gradient_clipped(min(1.0, max_norm / (float(norm) + 1e-6)))
+        if isinstance(norm, torch.Tensor):
+            # In float64, as Python's arithmetic on float(norm) would be, so the factor is the same.
+            norm = norm.detach().to(_host_scalar_dtype(norm.device))
+            self.gradient_clipped(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        else:
+            self.gradient_clipped(min(1.0, max_norm / (float(norm) + 1e-6)))
 
     def trainable_params(self) -> list[torch.Tensor]:
         """The parameters AdaHessian estimates and updates, in group order (the order of the probes)."""
@@ -365,19 +372,27 @@ class AdaHessian(Optimizer):
             grads.append(p.grad)
 
         # One host sync per step: is the gradient finite; on Hessian steps, is the
-        # estimate, and which tensors did it observe only in part.
+        # estimate, which tensors did it observe only in part, and the clip factor.
         norms = [_whole(n).float() for n in torch._foreach_norm(grads)] if grads else []
         checks = [torch.stack(norms).sum()] if grads else []
         for _, rows, total in diags.values():
             checks += [_whole(total).float(), _whole(rows.logical_not().sum()).float()]
         if self.stale_guard:
             checks += norms
+        read_clip = self.clip_hessian and estimate is not None and isinstance(clip_factor, torch.Tensor)
+        if read_clip:
+            checks.append(_whole(clip_factor))
         device = checks[0].device if checks else None
-        values = torch.stack([c.to(device) for c in checks]).tolist() if checks else []
+        dtype = _host_scalar_dtype(device) if read_clip else torch.float32
+        values = torch.stack([c.to(device, dtype) for c in checks]).tolist() if checks else []
         if grads and not math.isfinite(values[0]):
             # A bad batch: nothing moves, nothing is counted as done, the next step redoes this one.
             self.stats.skipped_steps += 1
             return loss
+        if read_clip:
+            clip_factor = values.pop()
+        elif isinstance(clip_factor, torch.Tensor):
+            clip_factor = 1.0  # no estimate this step: the factor scales nothing
         observed = self._observed_or_skip(estimate, diags, values[1 if grads else 0:1 + 2 * len(diags)])
         grad_norms = dict(zip(grads, values[1 + 2 * len(diags):])) if self.stale_guard else {}
         v_weight = self._steps_covered() if self.time_weighted and observed else 1
@@ -719,6 +734,11 @@ def _present(entry: dict) -> dict:
         if isinstance(entry.get(key), float) and math.isnan(entry[key]):
             del entry[key]
     return entry
+
+
+def _host_scalar_dtype(device: torch.device | None) -> torch.dtype:
+    """float64, Python's float, for a scalar read on the host; MPS has no float64."""
+    return torch.float32 if device is not None and device.type == "mps" else torch.float64
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ class _Optimizer:
         self.param, self.clip_hessian, self.factors = param, clip_hessian, []
 
     def gradient_clipped(self, factor):
-        self.factors.append(factor)
+        self.factors.append(float(factor))
 
     gradient_clipped_by_norm = AdaHessian.gradient_clipped_by_norm
 

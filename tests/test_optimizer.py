@@ -1309,6 +1309,45 @@ def test_clip_hessian_makes_a_clipped_step_the_step_of_the_loss_scaled_by_the_cl
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("settings", [{}, {"hessian_interval": 3}], ids=["every step", "every third"])
+def test_a_clip_norm_told_as_a_tensor_takes_the_step_of_its_python_factor_bitwise(dtype, settings):
+    """clip_grad_norm_ returns a tensor; the factor made from it on the device is the one Python's
+    min(1, max_norm / (norm + 1e-6)) makes from float(norm), so the steps are equal bit for bit."""
+    runs = {}
+    for told in ("tensor", "python float"):
+        model = tiny_mlp(0, dtype)
+        opt = AdaHessian(model.parameters(), lr=0.05, seed=0, clip_hessian=True, **settings)
+        for step in range(6):
+            opt.zero_grad()
+            x, y = regression_batch(step, dtype=dtype)
+            _backward_for(opt, mse(model, x, y))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01 if step % 2 else 1e3)
+            if told == "tensor":
+                opt.gradient_clipped_by_norm(norm, 0.01 if step % 2 else 1e3)
+            else:
+                opt.gradient_clipped(min(1.0, (0.01 if step % 2 else 1e3) / (float(norm) + 1e-6)))
+            opt.step()
+        runs[told] = clone_params(model) + [opt.state[p]["exp_hessian_diag_sq"].clone() for p in model.parameters()]
+    assert_all_equal(runs["tensor"], runs["python float"], "parameters and v")
+
+
+def test_a_clip_norm_told_as_a_tensor_is_not_read_on_a_step_without_an_estimate():
+    """Reading it would be a host sync every step on a GPU; a step between Hessian steps never
+    needs it.  A meta tensor cannot be read at all, so the step would fail if it tried."""
+    model = tiny_mlp(0, torch.float32)
+    opt = AdaHessian(model.parameters(), lr=0.05, seed=0, clip_hessian=True, hessian_interval=3)
+    for step in range(3):
+        opt.zero_grad()
+        x, y = regression_batch(step)
+        _backward_for(opt, mse(model, x, y))
+        hessian_step = opt.is_hessian_step()
+        if not hessian_step:
+            opt.gradient_clipped_by_norm(torch.tensor(5.0, device="meta"), 1.0)
+        opt.step()
+    assert opt.stats.step == 3
+
+
 def test_without_clip_hessian_the_clip_factor_is_not_applied_to_the_estimate():
     """The default: v is the unclipped loss's whatever the step is told."""
     runs = {}
