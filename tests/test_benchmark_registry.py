@@ -39,3 +39,10 @@ def test_a_beta2_row_is_its_row_with_only_the_trainers_adam_beta2_changed(row, b
     lever, base = registry[f"{row}_beta2_{beta2:g}"], registry[row]
     assert (dict(lever.optim_args), lever.lr, lever.grid) == (dict(base.optim_args), base.lr, base.grid)
     assert lever.script_args() == base.script_args() + ["--adam_beta2", f"{beta2:g}"]
+
+
+def test_the_fused_adamw_row_is_the_baseline_with_only_the_trainers_optim_changed():
+    """transformers 5's default --optim, there to time the baseline a user gets without the flag."""
+    fused, base = sst2.OPTIMIZERS["adamw_torch_fused"], sst2.OPTIMIZERS["adamw_torch"]
+    assert (fused.lr, fused.grid, fused.path) == (base.lr, base.grid, base.path)
+    assert fused.script_args() == [a.replace("adamw_torch", "adamw_torch_fused") for a in base.script_args()]
