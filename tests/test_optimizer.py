@@ -1363,30 +1363,3 @@ def test_without_clip_hessian_the_clip_factor_is_not_applied_to_the_estimate():
             opt.step()
         runs[said] = [opt.state[p]["exp_hessian_diag_sq"].clone() for p in model.parameters()]
     assert_all_equal(runs[True], runs[False], "v")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("settings", [{}, {"hessian_power": 0.5, "weight_decay": 0.1}, {"update_clip": 0.5},
-                                      {"hessian_interval": 3, "stale_guard": True}],
-                         ids=["paper", "power 0.5, decay", "update clip", "every third, guarded"])
-def test_the_for_loop_core_in_slices_takes_the_unsliced_step_bit_for_bit(monkeypatch, dtype, settings):
-    """Slicing keeps a slice's temporaries in cache; every element sees the same operations, so slices of
-    7 elements (tails everywhere) and no slicing at all give the same parameters and state."""
-    from hf_adahessian import optimizer as core
-
-    runs = {}
-    for sliced in (True, False):
-        monkeypatch.setattr(core, "UPDATE_SLICE", 7)
-        if not sliced:
-            monkeypatch.setattr(core, "_sliceable", lambda *args: False)
-        model = tiny_mlp(0, dtype)
-        opt = AdaHessian(model.parameters(), lr=0.05, seed=0, foreach=False, **settings)
-        for step in range(5):
-            opt.zero_grad()
-            x, y = regression_batch(step, dtype=dtype)
-            _backward_for(opt, mse(model, x, y))
-            opt.step()
-        runs[sliced] = clone_params(model) + [opt.state[p][k].clone() for p in model.parameters()
-                                              for k in ("exp_avg", "exp_hessian_diag_sq")]
-        monkeypatch.undo()
-    assert_all_equal(runs[True], runs[False], "parameters and state")
