@@ -252,10 +252,10 @@ def _suffixes(knobs: Mapping[str, Any]) -> str:
     return "".join(f"_{p}" for p in parts)
 
 
-def adamw(lr: float, grid, optim: str = BASELINE, note: str = "") -> OptimizerSpec:
+def adamw(lr: float, grid, optim: str = BASELINE) -> OptimizerSpec:
     """AdamW through the Trainer's ``--optim``, named by it: ``adamw_torch`` is every comparison's baseline,
     ``adamw_torch_fused`` (transformers 5's default) the same update in one fused kernel."""
-    return OptimizerSpec(optim, lr, grid, "trainer", None, optim=optim, note=note)
+    return OptimizerSpec(optim, lr, grid, "trainer", None, optim=optim)
 
 
 def adahessian(interval: int, lr: float, grid, note: str = "", **knobs) -> OptimizerSpec:

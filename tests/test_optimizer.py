@@ -1341,8 +1341,7 @@ def test_a_clip_norm_told_as_a_tensor_is_not_read_on_a_step_without_an_estimate(
         opt.zero_grad()
         x, y = regression_batch(step)
         _backward_for(opt, mse(model, x, y))
-        hessian_step = opt.is_hessian_step()
-        if not hessian_step:
+        if not opt.is_hessian_step():
             opt.gradient_clipped_by_norm(torch.tensor(5.0, device="meta"), 1.0)
         opt.step()
     assert opt.stats.step == 3
