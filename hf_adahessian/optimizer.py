@@ -850,34 +850,64 @@ def _update_v_(v: torch.Tensor, d: torch.Tensor, rows: torch.Tensor | None, beta
         v.mul_(torch.where(_row_view(rows, v), beta2, 1.0)).addcmul_(d, d, value=(1 - beta2) * d_scale**2)
 
 
-def _denominator(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2: float, hessian_power: float,
-                 eps: float, scale: float | torch.Tensor = 1.0, min_row_estimates: int = 1) -> torch.Tensor:
-    """scale·(√v̂)^k + eps with v̂ bias-corrected per row; rows never seen take the mean v̂ of those seen,
-    and rows with fewer than ``min_row_estimates`` estimates at least that.
+# A tensor of more than this many elements takes its denominator in slices of whole rows of about this
+# many (1 MiB of fp32), in one reused buffer.  A parameter-sized temporary of an embedding's size is a
+# fresh mapping (glibc maps every allocation above 32 MiB), and on MiniLM the word embedding's 47 MB
+# denominator set the process's peak RSS on a Hessian step, where the estimate and the gradient are alive.
+DENOMINATOR_SLICE = 1 << 18
 
-    One parameter-sized buffer, as for the plain rule: the per-row work is on row-sized vectors.
+
+def _row_slices(v: torch.Tensor) -> list:
+    """Indices covering v in slices of whole rows: ``[...]`` (all of it) when v is small, 0-d or sharded."""
+    if v.dim() == 0 or v.numel() <= DENOMINATOR_SLICE or is_dtensor(v):
+        return [...]
+    rows = max(1, DENOMINATOR_SLICE // (v.numel() // v.shape[0]))
+    return [slice(start, start + rows) for start in range(0, v.shape[0], rows)]
+
+
+def _denominators(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2: float, hessian_power: float,
+                  eps: float, scale: float | torch.Tensor = 1.0, min_row_estimates: int = 1):
+    """(rows, scale·(√v̂)^k + eps on those rows) over v's row slices, v̂ bias-corrected per row; rows never seen
+    take the mean v̂ of those seen, and rows with fewer than ``min_row_estimates`` estimates at least that.
+
+    Each slice's denominator is valid until the next is made (they share one buffer); the rows' work is on
+    row-sized vectors.  Every element sees the same operations however v is sliced.
     """
-    if row_counts is None:
-        # A product by the reciprocal, as the foreach core does: CUDA divides by a scalar that
-        # way, so dividing here would round differently from the foreach kernels there.
-        return _power_plus_eps_(v.mul(1 / (1 - beta2**s)), hessian_power, eps, scale)
-    row_steps = row_counts.steps
-    seen = row_steps > 0
-    # Rows never seen have v = 0 and a correction of 1; the fallback takes their place below.
-    v_hat = v.div(_row_view(row_counts.correction, v))
+    slices = _row_slices(v)
+    scratch = None if len(slices) == 1 else torch.empty_like(v[slices[0]])
+
+    def v_hat(rows) -> torch.Tensor:
+        part = v[rows]
+        out = None if scratch is None else scratch[: part.shape[0]]
+        if row_counts is None:
+            # A product by the reciprocal, as the foreach core does: CUDA divides by a scalar that
+            # way, so dividing here would round differently from the foreach kernels there.
+            return torch.mul(part, 1 / (1 - beta2**s), out=out)
+        # Rows never seen have v = 0 and a correction of 1; the floor below takes their place.
+        return torch.div(part, _row_view(row_counts.correction[rows], part), out=out)
+
+    whole = v_hat(...) if scratch is None else None
+    floor = None
     # A sharded (FSDP2) tensor's reductions are completed across the shards (_whole), so that every
     # rank takes the same branch and the same fallback.
-    floored = row_steps < max(min_row_estimates, 1)
-    if v_hat.dim() == 0 or not bool(_whole(floored.any())):
-        return _power_plus_eps_(v_hat, hessian_power, eps, scale)
-    # Masks rather than indexing, so that a sharded tensor reduces across its shards; the mean is
-    # a host scalar, as the coverage test above already is.
-    row_sums = v_hat.reshape(v_hat.shape[0], -1).sum(dim=1)
-    row_width = v_hat.numel() // v_hat.shape[0]
-    fallback = float(_whole(torch.where(seen, row_sums, 0.0).sum())) / (float(_whole(seen.sum())) * row_width)
-    # A row never seen has v̂ = 0, so the floor puts the fallback in its place exactly.
-    torch.maximum(v_hat, _row_view(torch.where(floored, fallback, 0.0), v_hat), out=v_hat)
-    return _power_plus_eps_(v_hat, hessian_power, eps, scale)
+    if row_counts is not None and v.dim() > 0:
+        floored = row_counts.steps < max(min_row_estimates, 1)
+        if bool(_whole(floored.any())):
+            # Masks rather than indexing, so that a sharded tensor reduces across its shards; the mean
+            # is a host scalar, as the coverage test above already is.
+            parts = [whole] if whole is not None else (v_hat(rows) for rows in slices)
+            row_sums = torch.cat([part.reshape(part.shape[0], -1).sum(dim=1) for part in parts])
+            seen = row_counts.steps > 0
+            row_width = v.numel() // v.shape[0]
+            fallback = float(_whole(torch.where(seen, row_sums, 0.0).sum())) / (float(_whole(seen.sum())) * row_width)
+            # A row never seen has v̂ = 0, so the floor puts the fallback in its place exactly.
+            floor = torch.where(floored, fallback, 0.0)
+    for rows in slices:
+        hat = whole if whole is not None else v_hat(rows)
+        if floor is not None:
+            torch.maximum(hat, _row_view(floor[rows], hat), out=hat)
+        row_scale = scale[rows] if isinstance(scale, torch.Tensor) and scale.dim() > 0 else scale
+        yield rows, _power_plus_eps_(hat, hessian_power, eps, row_scale)
 
 
 def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts, steps, hsteps, scales, *,
@@ -894,12 +924,12 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, ro
         p32 = p if p.dtype == _state_dtype(p) else p.float()
         if weight_decay:
             p32.mul_(1 - lr * weight_decay)
-        denom = _denominator(v, s, counts, beta2, hessian_power, eps, scale, min_row_estimates)
-        if update_clip is None:
-            p32.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-        else:
-            ratio = torch.div(m, denom, out=denom).mul_(1 / (1 - beta1**t)).clamp_(-update_clip, update_clip)
-            p32.add_(ratio, alpha=-lr)
+        for rows, denom in _denominators(v, s, counts, beta2, hessian_power, eps, scale, min_row_estimates):
+            if update_clip is None:
+                p32[rows].addcdiv_(m[rows], denom, value=-lr / (1 - beta1**t))
+            else:
+                ratio = torch.div(m[rows], denom, out=denom).mul_(1 / (1 - beta1**t)).clamp_(-update_clip, update_clip)
+                p32[rows].add_(ratio, alpha=-lr)
         if p32 is not p:
             p.copy_(p32)
 

@@ -1362,3 +1362,49 @@ def test_without_clip_hessian_the_clip_factor_is_not_applied_to_the_estimate():
             opt.step()
         runs[said] = [opt.state[p]["exp_hessian_diag_sq"].clone() for p in model.parameters()]
     assert_all_equal(runs[True], runs[False], "v")
+
+
+class _WideBag(torch.nn.Module):
+    """An embedding of 7 rows into a dense layer: each batch sees some rows, so rows are counted apart."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.emb = torch.nn.Parameter((torch.randn(7, 4, generator=gen) * 0.5).to(dtype))
+        self.dense = torch.nn.Parameter((torch.randn(4, 3, generator=gen) * 0.5).to(dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
+
+    def forward(self, tokens, target):
+        h = torch.tanh(self.emb[tokens].sum(0) @ self.dense + self.bias)
+        return ((h.sum() - target) ** 2).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("slice_elements", [5, 9], ids=["one row a slice", "two rows a slice, a shorter tail"])
+@pytest.mark.parametrize("settings", [{}, {"min_row_estimates": 2}, {"hessian_power": 0.5, "weight_decay": 0.1},
+                                      {"update_clip": 0.5},
+                                      {"hessian_interval": 3, "stale_guard": True, "stale_guard_reference": "average"}],
+                         ids=["paper", "row floor", "power 0.5, decay", "update clip", "every third, row-wise guard"])
+def test_the_denominator_in_row_slices_takes_the_unsliced_step_bit_for_bit(monkeypatch, dtype, slice_elements,
+                                                                            settings):
+    """A large tensor's denominator is made a slice of rows at a time, so that no temporary of its size
+    exists; each element sees the same operations and the rows' floor the same mean, so slicing every
+    tensor of more than ``slice_elements`` entries changes no bit of the parameters or the state."""
+    from hf_adahessian import optimizer as core
+
+    batches = [[0, 1], [1, 2, 5], [3], [0, 6, 6], [2, 4], [1]]
+    runs = {}
+    for sliced in (True, False):
+        monkeypatch.setattr(core, "DENOMINATOR_SLICE", slice_elements if sliced else 1 << 40)
+        model = _WideBag(dtype)
+        opt = AdaHessian(model.parameters(), lr=0.05, betas=(0.9, 0.9), seed=0, foreach=False, **settings)
+        for step, tokens in enumerate(batches):
+            _bag_step(model, opt, tokens, target=float(step % 2))
+        runs[sliced] = clone_params(model) + [opt.state[p][k].clone() for p in model.parameters()
+                                              for k in ("exp_avg", "exp_hessian_diag_sq")]
+        monkeypatch.undo()
+    assert len(core._row_slices(model.emb)) == 1  # the default slice leaves small tensors whole
+    monkeypatch.setattr(core, "DENOMINATOR_SLICE", slice_elements)
+    assert len(core._row_slices(model.emb)) == (7 if slice_elements == 5 else 4)
+    assert "row_hessian_steps" in opt.state[model.emb]  # the row-counted path was taken
+    assert_all_equal(runs[True], runs[False], "parameters and state")
