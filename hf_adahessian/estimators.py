@@ -260,24 +260,23 @@ def fd_epsilon(params: Sequence[torch.Tensor], relative_step: float) -> float:
 
 @contextlib.contextmanager
 def perturbed(estimate: HessianEstimate, eps: float):
-    """θ ← θ + εz for the duration, then θ restored bit for bit from a saved copy.
+    """θ ← θ + εz for the duration, then θ restored bit for bit.
 
-    The saved copy is the one parameter-sized buffer this estimator adds while
-    it is alive; subtracting εz again would not give θ back exactly.
+    Restoring subtracts εz again and puts back the few entries whose round trip rounds differently
+    (``Probes.perturb_``): no copy of the parameters is alive during the perturbed pass, where a copy
+    made the finite-difference step's peak memory one parameter-sized buffer above AdamW's backward.
+    Nothing may change θ inside.
     """
     params = estimate.params
     with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        for i, p in enumerate(params):
-            # εz added slice by slice from the probe's random bytes: no parameter-sized probe is made.
-            estimate.probes.add_to_(i, p, eps)
+        records = [estimate.probes.perturb_(i, p, eps) for i, p in enumerate(params)]
     try:
         yield
     finally:
         with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-        del saved
+            for i, (p, record) in enumerate(zip(params, records)):
+                estimate.probes.restore_(i, p, eps, record)
+        del records
 
 
 def add_perturbed_gradients(estimate: HessianEstimate, grads: Sequence[torch.Tensor | None], eps: float,
@@ -299,6 +298,52 @@ def add_perturbed_gradients(estimate: HessianEstimate, grads: Sequence[torch.Ten
             estimate.add_(i, term.mul_(factor) if factor != 1.0 else term)
     if sign > 0:
         estimate.micro_batches += 1
+
+
+@contextlib.contextmanager
+def perturbed_gradients(estimate: HessianEstimate):
+    """For a backward at θ ± εz: ``.grad`` cleared for it, and the list it fills, of what it left per parameter.
+
+    On a step's first such backward the parameters' ``.grad`` are zeroed views of one buffer, which it
+    accumulates into and the estimate then keeps as its sums: one allocation, returned whole when the
+    step is done, where a gradient per parameter kept through the next pass left the allocator's heap
+    fragmented.  A parameter the backward does not reach gets None, as without the buffer.  Later ones
+    (another micro-batch, the second sign), and parameters that do not share one device and their
+    estimate's dtype (a view must have its parameter's dtype to be its ``.grad``) or are sharded, take
+    autograd's own gradients.  The caller puts ``.grad`` back.
+    """
+    params = estimate.params
+    grads: list[torch.Tensor | None] = []
+    views = _one_buffer(estimate)
+    if views is None:
+        for p in params:
+            p.grad = None
+        yield grads
+        grads.extend(p.grad for p in params)
+        return
+    reached: set[int] = set()
+    hooks = []
+    for i, (p, view) in enumerate(zip(params, views)):
+        p.grad = view
+        hooks.append(p.register_post_accumulate_grad_hook(lambda _, i=i: reached.add(i)))
+    try:
+        yield grads
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grads.extend(p.grad if i in reached else None for i, p in enumerate(params))
+
+
+def _one_buffer(estimate: HessianEstimate) -> list[torch.Tensor] | None:
+    params = estimate.params
+    if not params or any(s is not None for s in estimate.sums):
+        return None
+    device, dtype = params[0].device, params[0].dtype
+    if any(p.device != device or p.dtype != dtype or dtype != estimate_dtype(p) or is_dtensor(p)
+           or p.layout != torch.strided for p in params):
+        return None
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+    return [view.view(p.shape) for view, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def rng_devices(params: Sequence[torch.Tensor]) -> list[int]:

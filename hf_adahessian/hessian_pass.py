@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import world_size
 from .estimate import HessianEstimate
-from .estimators import add_perturbed_gradients, fd_epsilon, perturbed, rng_devices
+from .estimators import add_perturbed_gradients, fd_epsilon, perturbed, perturbed_gradients, rng_devices
 from .lookups import compact_lookups
 
 __all__ = [
@@ -431,9 +431,9 @@ def _exact_sub_batch(model, inputs, num_items, estimate, stock_step, accelerator
 def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerator, relative_step, scheme):
     """The same micro-batch at θ + εz (and θ − εz, central), then the Trainer's own step at θ, same dropout masks.
 
-    The perturbed passes go first: their gradients are folded into the estimate as
-    they are made and θ is restored before the real step's gradient exists, so the
-    saved parameters and the step's gradient are never alive at once.
+    The perturbed passes go first: their gradients become the estimate and θ is restored
+    before the real step's gradient exists, so the step holds one parameter-sized buffer
+    more than AdamW's (the estimate, through the pass at θ) and never two.
     """
     params = estimate.params
     eps = fd_epsilon(params, relative_step) if estimate.difference is None else estimate.difference[0]
@@ -450,10 +450,8 @@ def _fd_sink(estimate: HessianEstimate, accelerator, eps: float, scheme: str, si
         # A plain backward into .grad (reentrant checkpointing refuses autograd.grad), with the
         # gradients of earlier micro-batches set aside meanwhile.
         kept = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        loss.backward()
-        grads = [p.grad for p in params]
+        with perturbed_gradients(estimate) as grads:
+            loss.backward()
         for p, g in zip(params, kept):
             p.grad = g
         add_perturbed_gradients(estimate, grads, eps, scale=amp_scale(accelerator), scheme=scheme, sign=sign)

@@ -65,12 +65,11 @@ def _signs(random_bytes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return table[random_bytes.long()]
 
 
-def add_rademacher_(t: torch.Tensor, generator: torch.Generator, alpha: float) -> torch.Tensor:
-    """``t += alpha·z`` for the z ``rademacher_like(t, generator)`` would draw, bit for bit, without making z.
+def _signed_slices(t: torch.Tensor, generator: torch.Generator, alpha: float):
+    """(a slice of flat ``t``, alpha·z on it) in turn, for the z ``rademacher_like(t, generator)`` would draw.
 
-    For fp32 and fp64 tensors.  Slice by slice, each from a table of ±alpha in ``t``'s dtype:
-    no parameter-sized probe, no int8-to-float conversion over the whole tensor, and the
-    scratch stays in cache.
+    Each from a table of ±alpha in ``t``'s dtype: no parameter-sized probe, no int8-to-float conversion over
+    the whole tensor, and the scratch stays in cache.  A slice's alpha·z is valid until the next is made.
     """
     n = t.numel()
     flat = t.view(-1)
@@ -81,7 +80,56 @@ def add_rademacher_(t: torch.Tensor, generator: torch.Generator, alpha: float) -
         stop = min(start + _CHUNK_BYTES, random_bytes.numel())
         signs = torch.index_select(table, 0, random_bytes[start:stop], out=scratch[: stop - start])
         lo, hi = start * 8, min(n, stop * 8)
-        flat[lo:hi].add_(signs.view(-1)[: hi - lo])
+        yield flat[lo:hi], signs.view(-1)[: hi - lo]
+
+
+def add_rademacher_(t: torch.Tensor, generator: torch.Generator, alpha: float) -> torch.Tensor:
+    """``t += alpha·z`` for the z ``rademacher_like(t, generator)`` would draw, bit for bit, without making z.
+
+    For contiguous fp32 and fp64 tensors.
+    """
+    for part, signs in _signed_slices(t, generator, alpha):
+        part.add_(signs)
+    return t
+
+
+def perturb_(t: torch.Tensor, generator: torch.Generator, alpha: float) -> list:
+    """``add_rademacher_``, returning what :func:`unperturb_` needs to give ``t`` back bit for bit.
+
+    Subtracting alpha·z again gives t back except where adding it rounded away low bits of t: entries much
+    smaller than alpha, and round-half ties.  Those are found here, slice by slice, by making the round
+    trip; per slice the record is None (none), (positions, values) or, where more than a third of the
+    slice is off, the slice's values.  So no copy of t is made where its entries are mostly above alpha.
+    For contiguous fp32 and fp64 tensors.
+    """
+    kept = []
+    bits = torch.int64 if t.dtype == torch.float64 else torch.int32
+    size = min(t.numel(), _CHUNK_BYTES * 8)
+    before, back, off = t.new_empty(size), t.new_empty(size), torch.empty(size, dtype=torch.bool, device=t.device)
+    for part, signs in _signed_slices(t, generator, alpha):
+        n = part.numel()
+        before[:n].copy_(part)
+        part.add_(signs)
+        torch.sub(part, signs, out=back[:n])
+        # Bit patterns, not values: −0.0 comes back as +0.0, and a NaN may change its payload.
+        positions = torch.ne(back[:n].view(bits), before[:n].view(bits), out=off[:n]).nonzero().squeeze(1)
+        if positions.numel() == 0:
+            kept.append(None)
+        elif 3 * positions.numel() > n:
+            kept.append(before[:n].clone())
+        else:
+            kept.append((positions, before[:n][positions]))
+    return kept
+
+
+def unperturb_(t: torch.Tensor, generator: torch.Generator, alpha: float, kept: list) -> torch.Tensor:
+    """``t −= alpha·z``, made exactly as :func:`perturb_`'s round trip made it, then its record put back."""
+    for (part, signs), record in zip(_signed_slices(t, generator, alpha), kept):
+        part.sub_(signs)
+        if isinstance(record, torch.Tensor):
+            part.copy_(record)
+        elif record is not None:
+            part.index_copy_(0, *record)
     return t
 
 
@@ -140,10 +188,29 @@ class Probes:
 
     def add_to_(self, index: int, t: torch.Tensor, alpha: float, sample: int = 0) -> torch.Tensor:
         """``t += alpha·z`` for parameter ``index``'s probe, as ``t.add_(draw(index, t, sample), alpha=alpha)``."""
-        if is_dtensor(t) or not t.is_contiguous() or t.dtype not in (torch.float32, torch.float64):
-            # bf16's add_ rounds εz differently in its vectorised and scalar loops: the plain way there.
+        if not _sliceable(t):
             return t.add_(self.draw(index, t, sample, torch.int8), alpha=alpha)
         return add_rademacher_(t, self._generator(index, t.device, sample), alpha)
+
+    def perturb_(self, index: int, t: torch.Tensor, alpha: float, sample: int = 0):
+        """``add_to_``, returning the record :meth:`restore_` gives ``t`` back from, bit for bit
+        (:func:`perturb_`'s; a copy of ``t`` where the slices cannot be taken)."""
+        if not _sliceable(t):
+            saved = t.detach().clone()
+            t.add_(self.draw(index, t, sample, torch.int8), alpha=alpha)
+            return saved
+        return perturb_(t, self._generator(index, t.device, sample), alpha)
+
+    def restore_(self, index: int, t: torch.Tensor, alpha: float, record, sample: int = 0) -> torch.Tensor:
+        """Undo :meth:`perturb_` (the same ``alpha``) exactly."""
+        if isinstance(record, torch.Tensor):
+            return t.copy_(record)
+        return unperturb_(t, self._generator(index, t.device, sample), alpha, record)
+
+
+def _sliceable(t: torch.Tensor) -> bool:
+    # bf16's add_ rounds εz differently in its vectorised and scalar loops: the plain way there.
+    return not is_dtensor(t) and t.is_contiguous() and t.dtype in (torch.float32, torch.float64)
 
 
 def is_dtensor(t) -> bool:

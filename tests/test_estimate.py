@@ -167,6 +167,57 @@ def test_adding_a_probe_in_place_equals_adding_the_drawn_probe(numel, dtype):
     assert torch.equal(Probes(3, 9).add_to_(2, theta, 1.234e-3), expected)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def _awkward_theta(numel: int, dtype: torch.dtype, alpha: float) -> torch.Tensor:
+    """Weights of a trained layer's scale, with the entries a round trip θ + αz − αz loses: far below α,
+    subnormal, zeros of both signs, NaN, ±inf, and entries near α itself."""
+    theta = torch.randn(numel, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.05
+    special = torch.tensor([0.0, -0.0, 1e-9, -3e-12, 1e-40, float("nan"), float("inf"), -float("inf"),
+                            alpha, -alpha, alpha / 3, 2 * alpha + 1e-12], dtype=torch.float64)
+    theta[: len(special)] = special
+    theta[-len(special):] = special
+    return theta.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("numel", [37, 8 * 131072 * 2 + 3])  # within one slice; across three slices
+def test_a_perturbation_is_undone_bit_for_bit_without_a_copy_of_the_tensor(numel, dtype):
+    """θ + εz as ``add_to_`` makes it, then θ again to the bit (−0.0, NaN and subnormals included).  For
+    fp32 and fp64 what is kept is the few entries whose round trip rounds differently, not θ: here fewer
+    than 1 % of them, at the ε a finite-difference step takes (1e-3 of the entries' scale)."""
+    alpha = 0.05e-3
+    theta = _awkward_theta(numel, dtype, alpha)
+    probes = Probes(3, 9)
+    perturbed = theta.clone()
+    record = probes.perturb_(2, perturbed, alpha)
+    assert torch.equal(_bits(perturbed), _bits(probes.add_to_(2, theta.clone(), alpha)))
+    assert not torch.equal(_bits(perturbed), _bits(theta))
+    probes.restore_(2, perturbed, alpha, record)
+    assert torch.equal(_bits(perturbed), _bits(theta))
+    if dtype == torch.bfloat16:
+        assert torch.equal(_bits(record), _bits(theta))  # no slices in bf16: a copy, as before
+        return
+    kept = [r for r in record if r is not None]
+    assert all(isinstance(r, tuple) for r in kept)  # positions and values, never a slice's copy
+    count = sum(len(positions) for positions, _ in kept)
+    assert count >= 5  # at least −0.0, 1e-9, −3e-12, 1e-40 and NaN's siblings do not come back by subtraction
+    assert numel < 1000 or count < 0.01 * numel
+
+
+def test_where_most_of_a_slice_would_not_come_back_the_slice_is_kept_whole():
+    """Entries all far below ε: more than a third of them lose bits, so the record is the slice's values."""
+    theta = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 1e-9
+    perturbed = theta.clone()
+    probes = Probes(0, 1)
+    record = probes.perturb_(0, perturbed, 1e-3)
+    assert len(record) == 1 and isinstance(record[0], torch.Tensor) and torch.equal(record[0], theta)
+    probes.restore_(0, perturbed, 1e-3, record)
+    assert torch.equal(_bits(perturbed), _bits(theta))
+
+
 @pytest.mark.parametrize("shape", [(50, 16), (50, 6), (40, 8, 2), (30,)])  # whole-byte rows, ragged, 3-D, 1-D
 def test_drawing_some_rows_of_a_probe_gives_those_rows_of_the_whole_probe(shape):
     t = torch.empty(shape)

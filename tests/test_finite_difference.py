@@ -7,6 +7,7 @@ double backward cannot: fused SDPA kernels, torch.compile, reentrant checkpointi
 closure.
 """
 
+import copy
 import math
 
 import pytest
@@ -74,7 +75,8 @@ def test_the_estimate_is_within_its_stated_error_of_the_exact_one_for_the_same_p
 
 
 def test_the_parameters_come_back_bit_for_bit_before_the_update(make_args, make_bert, make_dataset):
-    """θ + εz is restored from a saved copy, not by subtracting εz: the step starts from θ exactly."""
+    """θ + εz is undone by subtracting εz and putting back what that rounds differently: the step starts
+    from θ exactly."""
     for scheme in ("forward", "central"):
         _, record, initial = first_estimate(make_args, make_bert, make_dataset, f"{FD},fd_scheme={scheme}")
         assert_all_equal(record.params_before_update, initial, "parameter")
@@ -229,3 +231,40 @@ def test_on_a_sub_batch_central_differences_estimate_the_heads_curvature(make_ar
     assert relative_l2(estimates["finite_difference"], estimates["exact"]) < 0.02
     full, _, _ = first_estimate(make_args, make_bert, make_dataset, "hessian_estimator=exact", dropout=0.0)
     assert relative_l2(full, estimates["exact"]) > 0.05  # the head's estimate is not the batch's
+
+
+class _OneUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(3, 2)
+        self.unused = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return torch.tanh(self.used(x)).pow(2).sum()
+
+
+def test_the_perturbed_gradients_land_in_one_buffer_that_the_estimate_keeps():
+    """The first perturbed backward of a step accumulates into views of one buffer, which become the sums:
+    each the gradient at θ + εz, bit for bit as a backward without them gives it; a parameter the backward
+    does not reach gets no sum, as before."""
+    from hf_adahessian.estimate import HessianEstimate
+    from hf_adahessian.hessian_pass import mark, perturbed_pass
+
+    torch.manual_seed(0)
+    model, x, eps = _OneUnused(), torch.randn(5, 3), 1e-3
+    params = list(model.parameters())
+    estimate = HessianEstimate(params, seed=0, step=1)
+    with perturbed_pass(model, estimate, eps):
+        mark(model(x)).backward()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, p in enumerate(reference.parameters()):
+            estimate.probes.add_to_(i, p, eps)
+    reference(x).backward()
+    names = [name for name, _ in model.named_parameters()]
+    used = [i for i, name in enumerate(names) if name.startswith("used")]
+    assert estimate.sums[names.index("unused")] is None and len(used) == 2
+    for i in used:
+        assert torch.equal(estimate.sums[i], list(reference.parameters())[i].grad)
+    assert len({estimate.sums[i].untyped_storage().data_ptr() for i in used}) == 1
+    assert all(p.grad is None for p in params)  # .grad is given back as it was
