@@ -274,8 +274,8 @@ def perturbed(estimate: HessianEstimate, eps: float):
         yield
     finally:
         with torch.no_grad():
-            for i, (p, record) in enumerate(zip(params, records)):
-                estimate.probes.restore_(i, p, eps, record)
+            for p, record in zip(params, records):
+                estimate.probes.restore_(p, eps, record)
         del records
 
 

@@ -195,12 +195,12 @@ def test_a_perturbation_is_undone_bit_for_bit_without_a_copy_of_the_tensor(numel
     record = probes.perturb_(2, perturbed, alpha)
     assert torch.equal(_bits(perturbed), _bits(probes.add_to_(2, theta.clone(), alpha)))
     assert not torch.equal(_bits(perturbed), _bits(theta))
-    probes.restore_(2, perturbed, alpha, record)
+    probes.restore_(perturbed, alpha, record)
     assert torch.equal(_bits(perturbed), _bits(theta))
     if dtype == torch.bfloat16:
         assert torch.equal(_bits(record), _bits(theta))  # no slices in bf16: a copy, as before
         return
-    kept = [r for r in record if r is not None]
+    kept = [r for r in record.kept if r is not None]
     assert all(isinstance(r, tuple) for r in kept)  # positions and values, never a slice's copy
     count = sum(len(positions) for positions, _ in kept)
     assert count >= 5  # at least −0.0, 1e-9, −3e-12, 1e-40 and NaN's siblings do not come back by subtraction
@@ -213,8 +213,8 @@ def test_where_most_of_a_slice_would_not_come_back_the_slice_is_kept_whole():
     perturbed = theta.clone()
     probes = Probes(0, 1)
     record = probes.perturb_(0, perturbed, 1e-3)
-    assert len(record) == 1 and isinstance(record[0], torch.Tensor) and torch.equal(record[0], theta)
-    probes.restore_(0, perturbed, 1e-3, record)
+    assert len(record.kept) == 1 and torch.equal(record.kept[0], theta)
+    probes.restore_(perturbed, 1e-3, record)
     assert torch.equal(_bits(perturbed), _bits(theta))
 
 
