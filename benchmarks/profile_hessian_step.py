@@ -16,10 +16,10 @@ The exact estimator (the paper's double backward):
 
 The finite-difference estimator (``hessian_estimator=finite_difference``), as the trainer runs it:
 
-    perturb θ+εz     estimators.perturbed: θ saved, θ += εz
+    perturb θ+εz     estimators.perturbed: θ += εz, the entries its round trip loses kept
     forward (θ+εz), grad (θ+εz)   an ordinary forward and gradient at the perturbed point
     g(θ+εz) folded   estimators.add_perturbed_gradients
-    restore θ        θ copied back
+    restore θ        θ −= εz, the kept entries put back
     forward, backward   the step's own gradient at θ (same dropout masks)
     difference       est.finish_(): Hz ≈ (g(θ+εz) − g(θ)) / ε
     clip, update, zero_grad

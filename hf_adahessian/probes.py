@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Probes", "rademacher_like", "add_rademacher_", "estimate_dtype"]
+__all__ = ["Probes", "rademacher_like", "perturb_", "unperturb_", "estimate_dtype"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -83,16 +83,6 @@ def _signed_slices(t: torch.Tensor, random_bytes: torch.Tensor, alpha: float):
         yield flat[lo:hi], signs.view(-1)[: hi - lo]
 
 
-def add_rademacher_(t: torch.Tensor, generator: torch.Generator, alpha: float) -> torch.Tensor:
-    """``t += alpha·z`` for the z ``rademacher_like(t, generator)`` would draw, bit for bit, without making z.
-
-    For contiguous fp32 and fp64 tensors.
-    """
-    for part, signs in _signed_slices(t, _random_bytes((t.numel() + 7) // 8, generator, t.device), alpha):
-        part.add_(signs)
-    return t
-
-
 class RoundTrip(NamedTuple):
     """What :func:`unperturb_` gives a tensor back from: its probes' random bytes (an eighth of a byte an
     entry) and, per slice, None, (positions, values) of the entries the subtraction does not give back, or
@@ -103,7 +93,8 @@ class RoundTrip(NamedTuple):
 
 
 def perturb_(t: torch.Tensor, generator: torch.Generator, alpha: float) -> RoundTrip:
-    """``add_rademacher_``, returning what :func:`unperturb_` needs to give ``t`` back bit for bit.
+    """``t += alpha·z`` for the z ``rademacher_like(t, generator)`` would draw, bit for bit, without making z,
+    returning what :func:`unperturb_` needs to give ``t`` back bit for bit.
 
     Subtracting alpha·z again gives t back except where adding it rounded away low bits of t: entries much
     smaller than alpha, and round-half ties.  Those are found here, slice by slice, by making the round
@@ -133,7 +124,8 @@ def perturb_(t: torch.Tensor, generator: torch.Generator, alpha: float) -> Round
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """``mask.nonzero()`` of a sparse 1-D boolean mask, eight entries a word first: a quarter of the time."""
+    """``mask.nonzero()`` of a sparse 1-D boolean mask, eight entries a word first (0.4 ms for 2^20 entries
+    with 0.3 % set, against 1.5 ms, on this project's 2-core machine)."""
     if mask.numel() % 8:
         return mask.nonzero().squeeze(1)
     words = mask.view(torch.int64).nonzero().squeeze(1)
@@ -205,15 +197,10 @@ class Probes:
         picked = random_bytes.view(like.shape[0], width // 8).index_select(0, rows)
         return _signs(picked, torch.int8).view(len(rows), *like.shape[1:])
 
-    def add_to_(self, index: int, t: torch.Tensor, alpha: float, sample: int = 0) -> torch.Tensor:
-        """``t += alpha·z`` for parameter ``index``'s probe, as ``t.add_(draw(index, t, sample), alpha=alpha)``."""
-        if not _sliceable(t):
-            return t.add_(self.draw(index, t, sample, torch.int8), alpha=alpha)
-        return add_rademacher_(t, self._generator(index, t.device, sample), alpha)
-
     def perturb_(self, index: int, t: torch.Tensor, alpha: float, sample: int = 0):
-        """``add_to_``, returning the record :meth:`restore_` gives ``t`` back from, bit for bit
-        (:func:`perturb_`'s; a copy of ``t`` where the slices cannot be taken)."""
+        """``t += alpha·z`` for parameter ``index``'s probe, as ``t.add_(draw(index, t, sample), alpha=alpha)``,
+        returning the record :meth:`restore_` gives ``t`` back from, bit for bit (:func:`perturb_`'s; a copy of
+        ``t`` where the slices cannot be taken)."""
         if not _sliceable(t):
             saved = t.detach().clone()
             t.add_(self.draw(index, t, sample, torch.int8), alpha=alpha)
