@@ -31,7 +31,14 @@ def _mix(*words: int) -> int:
     return x >> 1
 
 
-_CHUNK_BYTES = 1 << 17  # random bytes per slice of an in-place perturbation: 1M probes, a few MB of scratch
+_CHUNK_BYTES = 1 << 17  # random bytes per slice of an in-place perturbation on CPU: 1M probes, scratch in cache
+# Elsewhere (GPUs) a slice of the perturbation's round trip ends in a host sync (how many entries it keeps),
+# so slices are 16 times larger there: one sync per 16M entries.
+_DEVICE_CHUNK_BYTES = 1 << 21
+
+
+def _chunk_bytes(device: torch.device) -> int:
+    return _CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,9 +82,10 @@ def _signed_slices(t: torch.Tensor, random_bytes: torch.Tensor, alpha: float):
     n = t.numel()
     flat = t.view(-1)
     table = _sign_table(t.device, t.dtype) * alpha
-    scratch = table.new_empty((min(_CHUNK_BYTES, random_bytes.numel()), 8))
-    for start in range(0, random_bytes.numel(), _CHUNK_BYTES):
-        stop = min(start + _CHUNK_BYTES, random_bytes.numel())
+    chunk = _chunk_bytes(t.device)
+    scratch = table.new_empty((min(chunk, random_bytes.numel()), 8))
+    for start in range(0, random_bytes.numel(), chunk):
+        stop = min(start + chunk, random_bytes.numel())
         signs = torch.index_select(table, 0, random_bytes[start:stop].long(), out=scratch[: stop - start])
         lo, hi = start * 8, min(n, stop * 8)
         yield flat[lo:hi], signs.view(-1)[: hi - lo]
@@ -105,7 +113,7 @@ def perturb_(t: torch.Tensor, generator: torch.Generator, alpha: float) -> Round
     random_bytes = _random_bytes((t.numel() + 7) // 8, generator, t.device)
     kept = []
     bits = torch.int64 if t.dtype == torch.float64 else torch.int32
-    size = min(t.numel(), _CHUNK_BYTES * 8)
+    size = min(t.numel(), _chunk_bytes(t.device) * 8)
     before, back, off = t.new_empty(size), t.new_empty(size), torch.empty(size, dtype=torch.bool, device=t.device)
     for part, signs in _signed_slices(t, random_bytes, alpha):
         n = part.numel()
