@@ -324,7 +324,7 @@ def sophiah(interval: int, lr: float, grid) -> OptimizerSpec:
 def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_lr: float, sophia_grid,
                           h1_note: str = "", h20: tuple[float, tuple] | None = None,
                           h20_clip_hessian: tuple[float, tuple] | None = None) -> dict[str, OptimizerSpec]:
-    """The registry of a transformer trained from scratch (Multi30k, the LM): AdamW; AdaHessian with the
+    """The registry of a transformer trained from scratch (Multi30k, the LM): AdamW (both kernels); AdaHessian with the
     authors' transformer recipe (|D| averaged over blocks of 32) at intervals 1 and 10 and by finite
     differences, the lazy rows at ``adahessian_h1_b32``'s lr (the every-20 schedule after 15 dense steps at
     ``h20``'s (lr, grid) where the task searched it on its own, and with ``clip_hessian`` at
@@ -337,6 +337,7 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
                          note="lr searched on its own grid" if h20_clip_hessian else "the row without clip_hessian's lr")
     return registry(
         adamw(adamw_lr, adamw_grid),
+        adamw(adamw_lr, adamw_grid, optim="adamw_torch_fused"),
         adahessian(1, lr, grid, block_size=32, note=h1_note),
         adahessian(10, lr, grid, block_size=32, note=followed),
         adahessian(1, lr, grid, block_size=32, hessian_estimator="finite_difference", note=followed),
