@@ -41,10 +41,10 @@ def test_a_beta2_row_is_its_row_with_only_the_trainers_adam_beta2_changed(row, b
     assert lever.script_args() == base.script_args() + ["--adam_beta2", f"{beta2:g}"]
 
 
-@pytest.mark.parametrize("benchmark", ["sst2", "multi30k", "lm"])
-def test_the_fused_adamw_row_is_the_baseline_with_only_the_trainers_optim_changed(benchmark):
+@pytest.mark.parametrize("task", ["sst2", "multi30k", "lm"])
+def test_the_fused_adamw_row_is_the_baseline_with_only_the_trainers_optim_changed(task):
     """transformers 5's default --optim, there to time the baseline a user gets without the flag."""
-    rows = {"sst2": sst2, "multi30k": multi30k, "lm": lm}[benchmark].OPTIMIZERS
+    rows = {"sst2": sst2, "multi30k": multi30k, "lm": lm}[task].OPTIMIZERS
     fused, base = rows["adamw_torch_fused"], rows["adamw_torch"]
     assert (fused.lr, fused.grid, fused.path) == (base.lr, base.grid, base.path)
     assert fused.script_args() == [a.replace("adamw_torch", "adamw_torch_fused") for a in base.script_args()]
