@@ -814,20 +814,23 @@ def adahessian(
        beta2_now=beta2 if v_weight == 1 else beta2**v_weight, d_scale=estimate_scale)
 
 
-def _power_plus_eps_(v_hat: torch.Tensor, hessian_power: float, eps: float,
-                     scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """scale·(√v̂)^k + eps, in place; ``scale`` a number or one factor per row."""
+def _power_(v: torch.Tensor, hessian_power: float, out=None) -> torch.Tensor:
+    """(√v)^k, into ``out``: a new tensor when None, v itself when ``...``."""
+    out = v if out is ... else out
     if hessian_power == 1.0:
-        v_hat.sqrt_()
-    elif hessian_power == 0.0:
-        v_hat.fill_(1.0)
-    else:
-        v_hat.pow_(hessian_power / 2)
-    if isinstance(scale, torch.Tensor):
-        v_hat.mul_(_row_view(scale, v_hat))
-    elif scale != 1.0:
-        v_hat.mul_(scale)
-    return v_hat.add_(eps)
+        return torch.sqrt(v, out=out)
+    if hessian_power == 0.0:
+        return (torch.empty_like(v) if out is None else out).fill_(1.0)
+    return torch.pow(v, hessian_power / 2, out=out)
+
+
+def _tensor_factor(s: float, beta2: float, hessian_power: float, scale: float) -> float:
+    """c with c·(√v)^k = scale·(√v̂)^k, v̂ = v/(1 − β2^s): one number for a tensor whose rows share a count.
+
+    The denominator is then c·((√v)^k + eps/c), and 1/c joins the step size: two passes over v
+    (the power, eps/c) where bias-correcting, powering, scaling and adding eps took four.
+    """
+    return scale * (1 - beta2**s) ** (-hessian_power / 2)
 
 
 def _row_view(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -867,47 +870,59 @@ def _row_slices(v: torch.Tensor) -> list:
 
 def _denominators(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2: float, hessian_power: float,
                   eps: float, scale: float | torch.Tensor = 1.0, min_row_estimates: int = 1):
-    """(rows, scale·(√v̂)^k + eps on those rows) over v's row slices, v̂ bias-corrected per row; rows never seen
-    take the mean v̂ of those seen, and rows with fewer than ``min_row_estimates`` estimates at least that.
+    """(rows, d, c) over v's row slices, with c·d = scale·(√v̂)^k + eps on those rows, v̂ bias-corrected per
+    row; rows never seen take the mean v̂ of those seen, and rows with fewer than ``min_row_estimates``
+    estimates at least that.
 
-    Each slice's denominator is valid until the next is made (they share one buffer); the rows' work is on
-    row-sized vectors.  Every element sees the same operations however v is sliced.
+    Where the whole tensor shares one bias correction and one scale, c is ``_tensor_factor`` and the caller
+    folds 1/c into its step size; where they vary by row, c is 1 and d the denominator.  Each slice's d is
+    valid until the next is made (they share one buffer); the rows' work is on row-sized vectors.  Every
+    element sees the same operations however v is sliced.
     """
     slices = _row_slices(v)
     scratch = None if len(slices) == 1 else torch.empty_like(v[slices[0]])
+    row_scale = isinstance(scale, torch.Tensor) and scale.dim() > 0
 
-    def v_hat(rows) -> torch.Tensor:
-        part = v[rows]
-        out = None if scratch is None else scratch[: part.shape[0]]
-        if row_counts is None:
-            # A product by the reciprocal, as the foreach core does: CUDA divides by a scalar that
-            # way, so dividing here would round differently from the foreach kernels there.
-            return torch.mul(part, 1 / (1 - beta2**s), out=out)
-        # Rows never seen have v = 0 and a correction of 1; the floor below takes their place.
-        return torch.div(part, _row_view(row_counts.correction[rows], part), out=out)
+    def out_for(part):
+        return None if scratch is None else scratch[: part.shape[0]]
 
-    whole = v_hat(...) if scratch is None else None
+    if row_counts is None and not row_scale:
+        c = _tensor_factor(s, beta2, hessian_power, float(scale))
+        for rows in slices:
+            part = v[rows]
+            yield rows, _power_(part, hessian_power, out_for(part)).add_(eps / c), c
+        return
+
+    # One factor per row: each row's bias correction (1 for rows never seen, whose v is 0 and whose
+    # place the floor takes) and its stale-guard scale.
+    correction = None if row_counts is None else row_counts.correction
+    factors = (scale * (1 - beta2**s) ** (-hessian_power / 2) if correction is None
+               else correction.pow(-hessian_power / 2).mul_(scale))
     floor = None
     # A sharded (FSDP2) tensor's reductions are completed across the shards (_whole), so that every
     # rank takes the same branch and the same fallback.
-    if row_counts is not None and v.dim() > 0:
+    if row_counts is not None and v.dim() > 0 and hessian_power != 0.0:
         floored = row_counts.steps < max(min_row_estimates, 1)
         if bool(_whole(floored.any())):
             # Masks rather than indexing, so that a sharded tensor reduces across its shards; the mean
-            # is a host scalar, as the coverage test above already is.
-            parts = [whole] if whole is not None else (v_hat(rows) for rows in slices)
-            row_sums = torch.cat([part.reshape(part.shape[0], -1).sum(dim=1) for part in parts])
+            # is a host scalar, as the coverage test above already is.  A row's mean v̂ is its sum of v
+            # over its correction: one read of v, no v̂ made for it.
+            row_sums = v.reshape(v.shape[0], -1).sum(dim=1).div_(correction)
             seen = row_counts.steps > 0
             row_width = v.numel() // v.shape[0]
             fallback = float(_whole(torch.where(seen, row_sums, 0.0).sum())) / (float(_whole(seen.sum())) * row_width)
-            # A row never seen has v̂ = 0, so the floor puts the fallback in its place exactly.
-            floor = torch.where(floored, fallback, 0.0)
+            # max(v̂, fallback) is max(v, fallback·correction)/correction, and the floor goes in before the
+            # power: a row never seen has v = 0, which the fallback replaces exactly, and the square root
+            # of zeros is several times slower on CPU than of the numbers that replace them.
+            floor = torch.where(floored, correction * fallback, 0.0)
     for rows in slices:
-        hat = whole if whole is not None else v_hat(rows)
-        if floor is not None:
-            torch.maximum(hat, _row_view(floor[rows], hat), out=hat)
-        row_scale = scale[rows] if isinstance(scale, torch.Tensor) and scale.dim() > 0 else scale
-        yield rows, _power_plus_eps_(hat, hessian_power, eps, row_scale)
+        part = v[rows]
+        if floor is None:
+            d = _power_(part, hessian_power, out_for(part))
+        else:
+            d = _power_(torch.maximum(part, _row_view(floor[rows], part), out=out_for(part)), hessian_power, ...)
+        d.mul_(_row_view(factors[rows], d) if isinstance(factors, torch.Tensor) else factors)
+        yield rows, d.add_(eps), 1.0
 
 
 def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts, steps, hsteps, scales, *,
@@ -924,12 +939,12 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, ro
         p32 = p if p.dtype == _state_dtype(p) else p.float()
         if weight_decay:
             p32.mul_(1 - lr * weight_decay)
-        for rows, denom in _denominators(v, s, counts, beta2, hessian_power, eps, scale, min_row_estimates):
+        for rows, denom, c in _denominators(v, s, counts, beta2, hessian_power, eps, scale, min_row_estimates):
             if update_clip is None:
-                p32[rows].addcdiv_(m[rows], denom, value=-lr / (1 - beta1**t))
+                p32[rows].addcdiv_(m[rows], denom, value=-lr / ((1 - beta1**t) * c))
             else:
-                ratio = torch.div(m[rows], denom, out=denom).mul_(1 / (1 - beta1**t)).clamp_(-update_clip, update_clip)
-                p32[rows].add_(ratio, alpha=-lr)
+                ratio = torch.div(m[rows], denom, out=denom).mul_(1 / ((1 - beta1**t) * c))
+                p32[rows].add_(ratio.clamp_(-update_clip, update_clip), alpha=-lr)
         if p32 is not p:
             p.copy_(p32)
 
@@ -968,25 +983,23 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
     p32s = [p if p.dtype == _state_dtype(p) else p.float() for p in ps]
     if weight_decay:
         torch._foreach_mul_(p32s, 1 - lr * weight_decay)
-    denoms = torch._foreach_mul([exp_hs[i] for i in live], [1 / (1 - beta2 ** hsteps[i]) for i in live])
+    factors = [_tensor_factor(hsteps[i], beta2, hessian_power, scales[i]) for i in live]
+    live_vs = [exp_hs[i] for i in live]
     if hessian_power == 1.0:
-        torch._foreach_sqrt_(denoms)
+        denoms = torch._foreach_sqrt(live_vs)
     elif hessian_power == 0.0:
-        denoms = [torch.ones_like(x) for x in denoms]
+        denoms = [torch.ones_like(x) for x in live_vs]
     else:
-        torch._foreach_pow_(denoms, hessian_power / 2)
-    live_scales = [scales[i] for i in live]
-    if any(scale != 1.0 for scale in live_scales):
-        torch._foreach_mul_(denoms, live_scales)
-    torch._foreach_add_(denoms, eps)
-    step_sizes = [-lr / (1 - beta1 ** steps[i]) for i in live]
+        denoms = torch._foreach_pow(live_vs, hessian_power / 2)
+    torch._foreach_add_(denoms, [eps / c for c in factors])
+    step_sizes = [-lr / ((1 - beta1 ** steps[i]) * c) for i, c in zip(live, factors)]
     if update_clip is None:
         torch._foreach_addcdiv_(p32s, [exp_avgs[i] for i in live], denoms, step_sizes)
     else:
         # m̂/denominator into the denominators' scratch, bounded, then the step.
         ratios = torch._foreach_div([exp_avgs[i] for i in live], denoms)
         del denoms
-        torch._foreach_mul_(ratios, [1 / (1 - beta1 ** steps[i]) for i in live])
+        torch._foreach_mul_(ratios, [1 / ((1 - beta1 ** steps[i]) * c) for i, c in zip(live, factors)])
         torch._foreach_clamp_min_(ratios, -update_clip)
         torch._foreach_clamp_max_(ratios, update_clip)
         torch._foreach_add_(p32s, ratios, alpha=-lr)

@@ -922,6 +922,35 @@ def test_the_stale_guard_scales_each_row_by_the_growth_since_its_own_last_estima
     assert state["row_grad_norm_at_estimate"][:2].tolist() == pytest.approx([norms[0], norms[2]])
 
 
+def test_a_floored_row_takes_its_own_stale_factor_on_the_mean_curvature():
+    """Interval 2 (Hessian steps 1, 3), min_row_estimates=2, the row-wise guard: step 1 estimates rows 0 and 1,
+    the loss grows tenfold, step 3 estimates row 1 alone, and lazy step 4 meets row 2, never estimated.  Rows 0
+    (one estimate) and 2 (none) are divided by their own factor times √max(own v̂, mean v̂ of the rows seen),
+    row 1 by its factor times its own √v̂: the floor is scaled as the row it stands in for.  β1 = 0, so m̂ is
+    the gradient."""
+    lr, eps, beta2 = 0.01, 1e-4, 0.9
+    model = _Bag()
+    opt = AdaHessian(model.parameters(), lr=lr, betas=(0.0, beta2), eps=eps, hessian_interval=2, stale_guard=True,
+                     min_row_estimates=2, seed=0)
+    for tokens, scale in (([0, 1], 1.0), ([1], 10.0), ([1], 10.0), ([0, 1, 2], 10.0)):
+        opt.zero_grad()
+        _backward_for(opt, scale * model(torch.tensor(tokens), 1.0))
+        grad, before = model.emb.grad.detach().clone(), model.emb.detach().clone()
+        opt.step()
+    state = opt.state[model.emb]
+    counts = state["row_hessian_steps"]
+    assert counts.tolist()[:3] == [1, 2, 0]
+    factors = stale_factors(state, opt.param_groups[0])[:3, None]  # unchanged by the step that used them
+    assert factors[0] > 1.5 * factors[1]  # row 0's estimate predates the growth
+    v_hat = state["exp_hessian_diag_sq"][:3] / torch.where(counts[:3, None] > 0, 1 - beta2 ** counts[:3, None], 1.0)
+    mean = v_hat[:2].mean()
+    floored = torch.cat([v_hat[:1].clamp(min=mean), v_hat[1:2], mean.expand(1, 3)])
+    expected = -lr * grad[:3] / (factors * floored.sqrt() + eps)
+    assert grad[2].abs().min() > 0
+    # to the parameters' fp32 rounding (half an ulp of 0.5 is 3e-8)
+    torch.testing.assert_close(model.emb.detach()[:3] - before[:3], expected, rtol=1e-5, atol=6e-8)
+
+
 @pytest.mark.parametrize("reference, row_key", [("last", "row_grad_norm_at_estimate"),
                                                 ("average", "row_grad_sq_at_estimates")])
 def test_the_row_wise_stale_guard_resumes_bit_for_bit(reference, row_key):
