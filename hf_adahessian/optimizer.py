@@ -52,6 +52,18 @@ _OPTIONAL_SCALARS = ("grad_norm_avg", "grad_norm_at_estimate", "grad_sq_avg", "g
 
 
 
+class _ClipNorm(NamedTuple):
+    """A gradient norm told as a tensor and the bound it was clipped to: the clip factor, until it is needed."""
+
+    norm: torch.Tensor
+    max_norm: float
+
+    def factor(self) -> torch.Tensor:
+        # In float64, as Python's arithmetic on float(norm) would be, so the factor is the same.
+        norm = self.norm.to(_host_scalar_dtype(self.norm.device))
+        return torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+
+
 class _RowCounts(NamedTuple):
     """A row-counted tensor's estimates per row, and v's bias correction 1 − β2^count for each."""
 
@@ -275,11 +287,12 @@ class AdaHessian(Optimizer):
         self._clip_factor = factor if isinstance(factor, torch.Tensor) else float(factor)
 
     def gradient_clipped_by_norm(self, norm, max_norm: float) -> None:
-        """``gradient_clipped`` with torch's ``clip_grad_norm_`` factor, from the norm it returned."""
+        """``gradient_clipped`` with torch's ``clip_grad_norm_`` factor, from the norm it returned.
+
+        A tensor norm is kept as it is: the factor is made only by a step that reads it (one with an
+        estimate), not on every clipped step."""
         if isinstance(norm, torch.Tensor):
-            # In float64, as Python's arithmetic on float(norm) would be, so the factor is the same.
-            norm = norm.detach().to(_host_scalar_dtype(norm.device))
-            self.gradient_clipped(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+            self._clip_factor = _ClipNorm(norm.detach(), float(max_norm))
         else:
             self.gradient_clipped(min(1.0, max_norm / (float(norm) + 1e-6)))
 
@@ -379,9 +392,9 @@ class AdaHessian(Optimizer):
             checks += [_whole(total).float(), _whole(rows.logical_not().sum()).float()]
         if self.stale_guard:
             checks += norms
-        read_clip = self.clip_hessian and estimate is not None and isinstance(clip_factor, torch.Tensor)
+        read_clip = self.clip_hessian and estimate is not None and isinstance(clip_factor, (torch.Tensor, _ClipNorm))
         if read_clip:
-            checks.append(_whole(clip_factor))
+            checks.append(_whole(clip_factor.factor() if isinstance(clip_factor, _ClipNorm) else clip_factor))
         device = checks[0].device if checks else None
         dtype = _host_scalar_dtype(device) if read_clip else torch.float32
         values = torch.stack([c.to(device, dtype) for c in checks]).tolist() if checks else []
@@ -391,7 +404,7 @@ class AdaHessian(Optimizer):
             return loss
         if read_clip:
             clip_factor = values.pop()
-        elif isinstance(clip_factor, torch.Tensor):
+        elif isinstance(clip_factor, (torch.Tensor, _ClipNorm)):
             clip_factor = 1.0  # no estimate this step: the factor scales nothing
         observed = self._observed_or_skip(estimate, diags, values[1 if grads else 0:1 + 2 * len(diags)])
         grad_norms = dict(zip(grads, values[1 + 2 * len(diags):])) if self.stale_guard else {}

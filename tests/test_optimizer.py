@@ -20,6 +20,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_adahessian import AdaHessian
 from hf_adahessian.optimizer import stale_factors
@@ -1361,9 +1362,22 @@ def test_a_clip_norm_told_as_a_tensor_takes_the_step_of_its_python_factor_bitwis
     assert_all_equal(runs["tensor"], runs["python float"], "parameters and v")
 
 
+class _Dispatched(TorchDispatchMode):
+    """The ATen operators run inside, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
 def test_a_clip_norm_told_as_a_tensor_is_not_read_on_a_step_without_an_estimate():
     """Reading it would be a host sync every step on a GPU; a step between Hessian steps never
-    needs it.  A meta tensor cannot be read at all, so the step would fail if it tried."""
+    needs it.  A meta tensor cannot be read at all, so the step would fail if it tried; and
+    being told the norm makes no factor (no kernel beyond keeping a detached view of it)."""
     model = tiny_mlp(0, torch.float32)
     opt = AdaHessian(model.parameters(), lr=0.05, seed=0, clip_hessian=True, hessian_interval=3)
     for step in range(3):
@@ -1372,6 +1386,10 @@ def test_a_clip_norm_told_as_a_tensor_is_not_read_on_a_step_without_an_estimate(
         _backward_for(opt, mse(model, x, y))
         if not opt.is_hessian_step():
             opt.gradient_clipped_by_norm(torch.tensor(5.0, device="meta"), 1.0)
+            norm = torch.tensor(5.0)
+            with _Dispatched() as told:
+                opt.gradient_clipped_by_norm(norm, 1.0)
+            assert set(told.names) <= {"detach"}, told.names
         opt.step()
     assert opt.stats.step == 3
 
