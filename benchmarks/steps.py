@@ -12,7 +12,8 @@ library's, so a change to the trainer's path changes what is measured here:
   and the Hessian-vector product are timed apart (``est.accumulate(loss)`` does both);
 * for finite differences, ``estimators.fd_epsilon`` and the trainer's own
   ``hessian_pass.perturbed_pass`` (θ ± εz and back, the gradient folded in), the plain pass
-  at θ and ``est.finish_()`` (forward or central, the optimizer's ``fd_scheme``);
+  at θ and ``est.finish_()`` (forward or central, the optimizer's ``fd_scheme``), the dropout
+  masks drawn by the first pass on a batch and replayed by the others (``hessian_pass.drawn_once``);
 * for ``hessian_batch_fraction``, ``hessian_pass.split_batch`` cuts the head of the batch.
 
 A step function takes ``phase``: a function of a phase name that returns a context
@@ -30,7 +31,8 @@ import torch
 from torch.profiler import record_function
 
 from hf_adahessian.estimators import fd_epsilon, gradients_with_graph
-from hf_adahessian.hessian_pass import chunk_sizes, double_backward_ready, mark, perturbed_pass, split_batch
+from hf_adahessian.hessian_pass import (chunk_sizes, double_backward_ready, dropout_masks_for, drawn_once, mark,
+                                       perturbed_pass, split_batch)
 from hf_adahessian.lookups import compact_lookups
 
 Phase = Callable[[str], ContextManager]
@@ -147,22 +149,27 @@ def _difference_step(model, batch: dict, perturbed_batch: dict, optimizer, schem
     estimate = optimizer.estimate()
     params = estimate.params
     eps = fd_epsilon(params, optimizer.relative_fd_step())
-    for sign in (1, -1) if scheme == "central" else (1,):
+    # The first pass on a batch keeps its dropout masks, the passes after it on the same batch replay them.
+    masks = dropout_masks_for(model)
+    whole = perturbed_batch is batch
+    for i, sign in enumerate((1, -1) if scheme == "central" else (1,)):
         at = "θ+εz" if sign > 0 else "θ−εz"
         with contextlib.ExitStack() as moved:
             with phase(f"perturb {at}"):
                 moved.enter_context(perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign))
-            with phase(f"forward{label} ({at})"):
-                loss = model(**perturbed_batch).loss
-            with phase(f"grad{label} ({at})"):
-                mark(loss).backward()
+            with drawn_once(masks, first=i == 0, last=not whole):
+                with phase(f"forward{label} ({at})"):
+                    loss = model(**perturbed_batch).loss
+                with phase(f"grad{label} ({at})"):
+                    mark(loss).backward()
             del loss
             with phase(f"restore θ from {at}"):
                 moved.close()
-    with phase("forward"):
-        loss = model(**batch).loss
-    with phase("backward"):
-        loss.backward()
+    with drawn_once(masks if whole else None, first=False, last=True):
+        with phase("forward"):
+            loss = model(**batch).loss
+        with phase("backward"):
+            loss.backward()
     with phase("difference"):
         estimate.finish_()
     del estimate

@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import world_size
+from .dropout_masks import Masks, replay_possible
 from .estimate import HessianEstimate
 from .estimators import add_perturbed_gradients, fd_epsilon, perturbed, perturbed_gradients, rng_devices
 from .lookups import compact_lookups
@@ -50,6 +51,8 @@ __all__ = [
     "split_batch",
     "micro_batch",
     "perturbed_pass",
+    "dropout_masks_for",
+    "drawn_once",
     "running_stats_kept",
     "untraced",
     "catch_up",
@@ -343,8 +346,10 @@ def catch_up(*, model, inputs, num_items_in_batch, estimate: HessianEstimate, st
     estimate.catch_up = True
     if estimator == "finite_difference":
         eps = fd_epsilon(estimate.params, relative_fd_step)
+        masks = dropout_masks_for(model)
         for sign in (1, -1):
-            with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator):
+            with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator), \
+                    drawn_once(masks, first=sign > 0, last=True):
                 stock_step(model, inputs, num_items_in_batch)
     else:
         with untraced(model, estimate.params), exact_pass(model, estimate, accelerator, add_grad=False):
@@ -408,8 +413,10 @@ def _finite_difference_sub_batch(model, inputs, num_items, estimate, stock_step,
     """
     head, head_items = _head(inputs, num_items, fraction, count_items)
     eps = fd_epsilon(estimate.params, relative_step) if estimate.difference is None else estimate.difference[0]
+    masks = dropout_masks_for(model)
     for sign in (1, -1):
-        with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator):
+        with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator), \
+                drawn_once(masks, first=sign > 0, last=True):
             stock_step(model, head, head_items)
     return plain(stock_step(model, inputs, num_items))
 
@@ -429,7 +436,8 @@ def _exact_sub_batch(model, inputs, num_items, estimate, stock_step, accelerator
 
 
 def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerator, relative_step, scheme):
-    """The same micro-batch at θ + εz (and θ − εz, central), then the Trainer's own step at θ, same dropout masks.
+    """The same micro-batch at θ + εz (and θ − εz, central), then the Trainer's own step at θ, same dropout masks
+    (drawn by the first pass, replayed by the others).
 
     The perturbed passes go first: their gradients become the estimate and θ is restored
     before the real step's gradient exists, so the step holds one parameter-sized buffer
@@ -437,10 +445,32 @@ def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerat
     """
     params = estimate.params
     eps = fd_epsilon(params, relative_step) if estimate.difference is None else estimate.difference[0]
-    for sign in ((1, -1) if scheme == "central" else (1,)):
-        with perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign, accelerator=accelerator):
+    masks = dropout_masks_for(model)
+    for i, sign in enumerate((1, -1) if scheme == "central" else (1,)):
+        with perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign, accelerator=accelerator), \
+                drawn_once(masks, first=i == 0, last=False):
             stock_step(model, inputs, num_items)
-    return plain(stock_step(model, inputs, num_items))
+    with drawn_once(masks, first=False, last=True):
+        return plain(stock_step(model, inputs, num_items))
+
+
+# The passes of a finite-difference step on one batch draw their dropout masks once (dropout_masks.py);
+# False draws them in every pass, as before (the same step bit for bit, slower on CPU).
+REPLAY_DROPOUT_MASKS = True
+
+
+def dropout_masks_for(model: torch.nn.Module) -> Masks | None:
+    """Where the passes of a finite-difference step on one batch keep and replay their dropout masks (None: each
+    pass draws its own)."""
+    return Masks() if REPLAY_DROPOUT_MASKS and replay_possible(model) else None
+
+
+def drawn_once(masks: Masks | None, *, first: bool, last: bool):
+    """For a pass on the batch ``masks`` serves: the first keeps its dropout masks, the passes after it replay
+    them (``last``: the last to, which lets each mask go once used)."""
+    if masks is None:
+        return contextlib.nullcontext()
+    return masks.kept() if first else masks.replayed(last=last)
 
 
 def _fd_sink(estimate: HessianEstimate, accelerator, eps: float, scheme: str, sign: int):

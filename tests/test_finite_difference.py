@@ -12,9 +12,10 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
-from hf_adahessian import AdaHessian, AdaHessianTrainer
+from hf_adahessian import AdaHessian, AdaHessianTrainer, hessian_pass
 from optim_helpers import assert_all_equal, clone_params, mse, regression_batch, tiny_mlp
 
 FD = "hessian_estimator=finite_difference"
@@ -119,6 +120,58 @@ def test_resuming_from_a_checkpoint_continues_exactly(make_args, make_bert, make
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert_all_equal(clone_params(resumed.model), clone_params(straight.model), "parameter")
     assert resumed.adahessian.counters == straight.adahessian.counters
+
+
+class _Bernoullis(TorchDispatchMode):
+    """Counts the ``bernoulli_`` kernels (CPU dropout's mask) that run inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.bernoulli_.float
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("extra, replayed", [
+    ({"optim_args": FD}, 1),
+    ({"optim_args": f"{FD},fd_scheme=central"}, 2),
+    ({"optim_args": FD, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}, 2),
+    ({"optim_args": FD, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+     1),
+    ({"optim_args": f"{FD},fd_scheme=central,hessian_batch_fraction=0.5"}, 1),
+], ids=["forward", "central", "accumulation", "reentrant-checkpointing", "central-on-a-sub-batch"])
+def test_dropout_masks_drawn_once_give_the_step_of_drawing_them_in_every_pass(
+        extra, replayed, make_args, make_bert, make_dataset, monkeypatch):
+    """The pass at θ (and the second perturbed one) replays the first pass's dropout masks instead of drawing
+    them: the parameters after three steps and the RNG's state after them are those of drawing in every pass,
+    bit for bit, and each step draws ``replayed`` passes' worth of masks fewer (central: two passes replay;
+    two micro-batches: one each; on a sub-batch: the head's second pass, not the step on the whole batch;
+    under checkpointing a pass's masks include those its backward draws again).  Checkpointing recomputes its segments from RNG
+    states saved in the forward, which the replay keeps where drawing would have them."""
+    dataset = make_dataset(32)
+
+    def bert():
+        return make_bert(num_hidden_layers=2, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2,
+                         attn_implementation="eager")
+
+    model = bert().train()
+    if "gradient_checkpointing_kwargs" in extra:
+        model.gradient_checkpointing_enable(extra["gradient_checkpointing_kwargs"])
+    with _Bernoullis() as one_pass:  # a forward and backward: checkpointing draws again in the backward
+        model(torch.tensor(dataset["input_ids"][:8]), labels=torch.tensor(dataset["labels"][:8])).loss.backward()
+    runs = {}
+    for replay in (True, False):
+        monkeypatch.setattr(hessian_pass, "REPLAY_DROPOUT_MASKS", replay)
+        trainer = AdaHessianTrainer(model=bert(), args=make_args(max_steps=3, **extra), train_dataset=dataset)
+        with _Bernoullis() as drawn:
+            trainer.train()
+        runs[replay] = (clone_params(trainer.model), torch.get_rng_state(), drawn.count)
+    assert_all_equal(runs[True][0], runs[False][0], "parameter")
+    assert torch.equal(runs[True][1], runs[False][1])
+    assert one_pass.count > 0
+    assert runs[False][2] - runs[True][2] == 3 * replayed * one_pass.count
 
 
 def _profiled_ops(trainer):
