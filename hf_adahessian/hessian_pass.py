@@ -13,6 +13,8 @@ measured is what the trainer runs:
   calls ``.backward()`` on the result the Hessian pass takes over.  Nothing of
   accelerate is patched or re-implemented; :func:`amp_scale` reads its scaler;
 * :func:`perturbed_pass` — the finite-difference estimator's pass at θ ± εz;
+  :func:`dropout_masks_for` / :func:`drawn_once` — the dropout masks of a batch's passes
+  drawn by the first and replayed by the others (``dropout_masks.py``);
 * :func:`fsdp_gradient_sync` / :func:`fsdp_resharded` — what FSDP2 needs of a Hessian step:
   each micro-batch's gradients reduced into the shards, θ ± εz gathered afresh;
 * :func:`micro_batch` — one micro-batch of a Hessian step through the Trainer's own
