@@ -37,16 +37,22 @@ def a_pass(x, layers=3, p=0.3):
     return out
 
 
-def replayed_against_drawn(first, second, last=True):
-    """``first`` kept in a fork of the RNG, then ``second`` replayed and ``second`` drawn from the same state:
-    both outputs, both RNG states after, and the bernoulli_ kernels the replay ran."""
+def kept(first):
+    """``first`` run in a fork of the RNG with its masks kept: its input, the RNG state it started from, the masks."""
     torch.manual_seed(0)
     x = torch.randn(5, 7)
     start = torch.get_rng_state()
     masks = Masks()
     with torch.random.fork_rng(devices=[]), masks.kept():
         first(x)
-    with Bernoullis() as counted, masks.replayed(last=last):
+    return x, start, masks
+
+
+def replayed_against_drawn(first, second):
+    """``first`` kept in a fork of the RNG, then ``second`` replayed and ``second`` drawn from the same state:
+    both outputs, both RNG states after, and the bernoulli_ kernels the replay ran."""
+    x, start, masks = kept(first)
+    with Bernoullis() as counted, masks.replayed():
         replayed = second(x)
     replayed_state = torch.get_rng_state()
     torch.set_rng_state(start)
@@ -77,12 +83,7 @@ def test_a_pass_that_asks_for_other_masks_draws_them_from_where_drawing_would_be
 
 
 def test_masks_kept_for_more_than_one_replay_serve_each():
-    torch.manual_seed(0)
-    x = torch.randn(5, 7)
-    start = torch.get_rng_state()
-    masks = Masks()
-    with torch.random.fork_rng(devices=[]), masks.kept():
-        a_pass(x)
+    x, start, masks = kept(a_pass)
     with torch.random.fork_rng(devices=[]), masks.replayed(last=False):
         first = a_pass(x)
     with masks.replayed():
