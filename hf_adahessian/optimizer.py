@@ -827,9 +827,8 @@ def adahessian(
        beta2_now=beta2 if v_weight == 1 else beta2**v_weight, d_scale=estimate_scale)
 
 
-def _power_(v: torch.Tensor, hessian_power: float, out=None) -> torch.Tensor:
-    """(√v)^k, into ``out``: a new tensor when None, v itself when ``...``."""
-    out = v if out is ... else out
+def _power_(v: torch.Tensor, hessian_power: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(√v)^k, into ``out`` (v itself for in place; a new tensor when None)."""
     if hessian_power == 1.0:
         return torch.sqrt(v, out=out)
     if hessian_power == 0.0:
@@ -933,7 +932,8 @@ def _denominators(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2:
         if floor is None:
             d = _power_(part, hessian_power, out_for(part))
         else:
-            d = _power_(torch.maximum(part, _row_view(floor[rows], part), out=out_for(part)), hessian_power, ...)
+            hat = torch.maximum(part, _row_view(floor[rows], part), out=out_for(part))
+            d = _power_(hat, hessian_power, out=hat)
         d.mul_(_row_view(factors[rows], d) if isinstance(factors, torch.Tensor) else factors)
         yield rows, d.add_(eps), 1.0
 
