@@ -99,6 +99,11 @@ OPTIMIZERS = specs.registry(
     # ... and with the estimate clipped by the factor --max_grad_norm clips the gradient by: clipping (the
     # gradient's norm is 2-20 after the warm-up here) then no longer lowers AdaHessian's learning rate.
     CLIP_HESSIAN_H20,
+    # ... with fewer dense steps first: under the stale guard's average reference and clip_hessian, does the
+    # fresh head still need 15 of them (each a Hessian step at twice a plain step's price)?
+    *(specs.adahessian(20, 1e-2, HESSIAN_GRID, hessian_warmup=warmup, stale_guard=True,
+                       stale_guard_reference="average", clip_hessian=True, hessian_estimator="finite_difference",
+                       note="the recipe's lr") for warmup in (5, 10)),
     # ... every 10 steps: twice the estimates of the encoder's curvature (the same accuracy, measured).
     specs.adahessian(10, 1e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, stale_guard_reference="average",
                      clip_hessian=True, hessian_estimator="finite_difference", note="the every-20 row's lr"),
