@@ -64,6 +64,34 @@ class _ClipNorm(NamedTuple):
         return torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
 
 
+class _MeasuredNorms(NamedTuple):
+    """Each gradient's norm as the clipping measured it, before it clipped.
+
+    The step reads every gradient's norm (is it finite; the stale guard's growth), a pass over all the
+    gradients that clipping has just made: a parameter's norm here stands for its gradient's after clipping
+    (times the clip factor) while the gradient is still the tensor that was measured.
+    """
+
+    measured: dict  # id(parameter) -> (its gradient when measured, position in norms)
+    norms: list
+
+    def after_clipping(self, params: list, grads: list, factor) -> list[torch.Tensor] | None:
+        """The norms of ``grads`` (of ``params``) times ``factor``, or None unless each is a gradient measured."""
+        positions = []
+        for p, g in zip(params, grads):
+            entry = self.measured.get(id(p))
+            if entry is None or entry[0] is not g:
+                return None
+            positions.append(entry[1])
+        device = self.norms[0].device
+        norms = torch.stack([n.to(device, torch.float32) for n in self.norms])
+        if positions != list(range(len(self.norms))):
+            norms = norms[torch.tensor(positions, device=device)]
+        if isinstance(factor, _ClipNorm):
+            factor = factor.factor()
+        return list((norms * factor if isinstance(factor, torch.Tensor) or factor != 1.0 else norms).unbind())
+
+
 class _RowCounts(NamedTuple):
     """A row-counted tensor's estimates per row, and v's bias correction 1 − β2^count for each."""
 
@@ -214,6 +242,7 @@ class AdaHessian(Optimizer):
         self.time_weighted = bool(time_weighted)
         self.clip_hessian = bool(clip_hessian)
         self._clip_factor = 1.0
+        self._measured_norms: _MeasuredNorms | None = None
         self.n_samples = n_samples
         self.hessian_estimator = hessian_estimator
         self.fd_scheme = fd_scheme
@@ -286,11 +315,15 @@ class AdaHessian(Optimizer):
         """
         self._clip_factor = factor if isinstance(factor, torch.Tensor) else float(factor)
 
-    def gradient_clipped_by_norm(self, norm, max_norm: float) -> None:
+    def gradient_clipped_by_norm(self, norm, max_norm: float, measured: tuple[list, list] | None = None) -> None:
         """``gradient_clipped`` with torch's ``clip_grad_norm_`` factor, from the norm it returned.
 
         A tensor norm is kept as it is: the factor is made only by a step that reads it (one with an
-        estimate), not on every clipped step."""
+        estimate), not on every clipped step.  ``measured``: (parameters, their gradients' norms before
+        clipping), where the clipping measured each (the Trainer's does): the next step takes them, times the
+        factor, for its own pass over the gradients, while each gradient is the tensor measured."""
+        self._measured_norms = None if measured is None else _MeasuredNorms(
+            {id(p): (p.grad, i) for i, p in enumerate(measured[0])}, list(measured[1]))
         if isinstance(norm, torch.Tensor):
             self._clip_factor = _ClipNorm(norm.detach(), float(max_norm))
         else:
@@ -350,6 +383,7 @@ class AdaHessian(Optimizer):
     def step(self, closure: Callable[[], float] | None = None):
         hessian_step = self.is_hessian_step()
         clip_factor, self._clip_factor = self._clip_factor, 1.0
+        measured, self._measured_norms = self._measured_norms, None
         loss = None
         estimate, self._estimate = self._estimate, None
         if closure is not None:
@@ -372,10 +406,15 @@ class AdaHessian(Optimizer):
             estimate.finish_()
 
         diags = self._hessian_diagonals(estimate) if estimate is not None else {}
-        grads = []
+        owners, grads = [], []
         for p in self.trainable_params():
             if p.grad is None:
                 continue
+            owners.append(p)
+            grads.append(p.grad)
+        norms = measured.after_clipping(owners, grads, clip_factor) if measured is not None and grads else None
+        grads = []
+        for p in owners:
             if p.grad.requires_grad:
                 # create_graph=True leaves grad -> graph -> param -> grad: a cycle
                 # that keeps the whole graph alive unless the grad is detached.
@@ -386,7 +425,8 @@ class AdaHessian(Optimizer):
 
         # One host sync per step: is the gradient finite; on Hessian steps, is the
         # estimate, which tensors did it observe only in part, and the clip factor.
-        norms = [_whole(n).float() for n in torch._foreach_norm(grads)] if grads else []
+        if norms is None:
+            norms = [_whole(n).float() for n in torch._foreach_norm(grads)] if grads else []
         checks = [torch.stack(norms).sum()] if grads else []
         for _, rows, total in diags.values():
             checks += [_whole(total).float(), _whole(rows.logical_not().sum()).float()]
@@ -605,6 +645,7 @@ class AdaHessian(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_estimate", None)
+        self.__dict__.setdefault("_measured_norms", None)
 
 
 def estimate_count(state: dict) -> float:

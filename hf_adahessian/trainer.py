@@ -15,7 +15,9 @@ Only these differ from the stock Trainer, and only with ``--optim adahessian``:
   train a head that ignores it on a loss multiplied by the accumulation steps and
   the number of processes);
 * ``_clip_grad_norm`` tells the optimizer what ``--max_grad_norm`` clipped the gradient by
-  (``clip_hessian`` scales the step's estimate by it);
+  (``clip_hessian`` scales the step's estimate by it) and, where it clips as torch's
+  ``clip_grad_norm_`` does on one process or under DDP, each gradient's norm it measured
+  (the step reads them, and would otherwise measure them again);
 * ``log`` adds the Hessian statistics, and the end of training logs a summary.
 
 Clipping, the loss scaler, the scheduler, checkpoints and logging stay the Trainer's.
@@ -35,7 +37,9 @@ from transformers.trainer_callback import ProgressCallback
 
 from . import hessian_pass
 from .arguments import is_adahessian, settings_of
+from .clipping import clip_grad_norm_measured_
 from .optimizer import AdaHessian
+from .probes import is_dtensor
 from .validation import AdaHessianUsageError
 
 __all__ = ["AdaHessianTrainerMixin", "AdaHessianTrainer", "AdaHessianSeq2SeqTrainer", "check_model",
@@ -132,10 +136,14 @@ class AdaHessianTrainerMixin:
         return loss
 
     def _clip_grad_norm(self, model):
-        norm = super()._clip_grad_norm(model)
         optimizer = self.adahessian
-        if optimizer is not None and optimizer.clip_hessian and norm is not None:
-            optimizer.gradient_clipped_by_norm(norm, self.args.max_grad_norm)
+        measured = None if optimizer is None else _clip_measuring(self.accelerator, model, self.args.max_grad_norm)
+        if measured is None:
+            norm = super()._clip_grad_norm(model)
+        else:
+            norm, measured = measured
+        if optimizer is not None and norm is not None:
+            optimizer.gradient_clipped_by_norm(norm, self.args.max_grad_norm, measured)
         return norm
 
     def _fsdp_syncs_now(self) -> bool:
@@ -246,6 +254,23 @@ class HessianProgress(TrainerCallback):
         if bar is not None and stats is not None:
             bar.set_postfix(hessian_mean=f"{stats.last_hessian_mean:.3g}", hessian_updates=stats.hessian_updates,
                             refresh=False)
+
+
+def _clip_measuring(accelerator, model: torch.nn.Module, max_norm: float):
+    """accelerate's ``clip_grad_norm_`` where it is torch's (one process, DDP), keeping each gradient's norm
+    (``clipping.clip_grad_norm_measured_``); None where accelerate must clip: sharded or DeepSpeed training,
+    XLA, SageMaker's model parallelism, DTensor or sparse gradients, a torch without ``clip_grads_with_norm_``."""
+    from accelerate.utils import DistributedType
+    from transformers.utils import is_sagemaker_mp_enabled
+
+    if (accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA)
+            or is_sagemaker_mp_enabled() or not hasattr(torch.nn.utils, "clip_grads_with_norm_")):
+        return None
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params or any(is_dtensor(p.grad) or p.grad.is_sparse for p in params):
+        return None
+    accelerator.unscale_gradients()
+    return clip_grad_norm_measured_(params, max_norm)
 
 
 def _has_fused_lm_head(trainer) -> bool:

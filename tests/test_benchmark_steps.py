@@ -1,45 +1,42 @@
-"""The benchmarks' plain loop takes a step the way the Trainer does."""
+"""The benchmarks' plain loop clips and steps the way the Trainer does."""
 
-import pytest
 import torch
 
 from benchmarks.steps import finish_step, no_phase
+from hf_adahessian import AdaHessian
 
 
-class _Optimizer:
+class _Recorded(AdaHessian):
     """Records what the loop tells it, and the gradient ``step()`` sees."""
 
-    def __init__(self, param, clip_hessian):
-        self.param, self.clip_hessian, self.factors = param, clip_hessian, []
+    def gradient_clipped_by_norm(self, norm, max_norm, measured=None):
+        self.told = (float(norm), max_norm, measured)
+        super().gradient_clipped_by_norm(norm, max_norm, measured)
 
-    def gradient_clipped_by_norm(self, norm, max_norm):
-        # torch's clip factor for that norm, as AdaHessian makes it (tested in test_optimizer.py)
-        self.factors.append(min(1.0, max_norm / (float(norm) + 1e-6)))
-
-    def step(self):
-        self.grad_at_step = self.param.grad.clone()
-
-    def zero_grad(self, set_to_none=True):
-        self.param.grad = None
+    def step(self, closure=None):
+        self.grad_at_step = self.param_groups[0]["params"][0].grad.clone()
+        return super().step(closure)
 
 
-def test_a_clipped_step_tells_clip_hessian_torchs_clip_factor():
+def test_a_clipped_step_tells_adahessian_the_norm_and_each_gradients_norm_before_clipping():
     param = torch.nn.Parameter(torch.zeros(4))
     param.grad = torch.full((4,), 2.0)  # norm 4
-    optimizer = _Optimizer(param, clip_hessian=True)
+    optimizer = _Recorded([param], clip_hessian=True, hessian_interval=2)
+    optimizer.stats.step = 1  # a step without an estimate
     finish_step(optimizer, [param], no_phase, max_grad_norm=1.0)
-    assert optimizer.factors == [pytest.approx(1.0 / (4.0 + 1e-6), rel=1e-12)]
+    norm, max_norm, (params, norms) = optimizer.told
+    assert (norm, max_norm) == (4.0, 1.0)
+    assert params == [param] and [float(n) for n in norms] == [4.0]
     torch.testing.assert_close(optimizer.grad_at_step, torch.full((4,), 2.0 / (4.0 + 1e-6)))
     assert param.grad is None
 
 
-def test_an_unclipped_step_says_factor_one_and_an_optimizer_without_clip_hessian_is_told_nothing():
+def test_another_optimizer_is_clipped_by_torch():
     param = torch.nn.Parameter(torch.zeros(4))
-    param.grad = torch.full((4,), 0.25)  # norm 0.5, under the bound
-    told = _Optimizer(param, clip_hessian=True)
-    finish_step(told, [param], no_phase, max_grad_norm=1.0)
-    assert told.factors == [1.0]
     param.grad = torch.full((4,), 2.0)
-    untold = _Optimizer(param, clip_hessian=False)
-    finish_step(untold, [param], no_phase, max_grad_norm=1.0)
-    assert untold.factors == []
+    seen = []
+    optimizer = torch.optim.SGD([param], lr=0.0)
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(param.grad.clone()))
+    finish_step(optimizer, [param], no_phase, max_grad_norm=1.0)
+    torch.testing.assert_close(seen[0], torch.full((4,), 2.0 / (4.0 + 1e-6)))
+    assert param.grad is None

@@ -588,6 +588,49 @@ def test_clip_hessian_clips_the_estimate_by_the_gradients_factor(make_args, make
         torch.testing.assert_close(a, factor * b, rtol=1e-4, atol=1e-12)
 
 
+@pytest.mark.parametrize("optim_args, same_bits", [
+    ("hessian_interval=2", True),
+    ("hessian_interval=2,hessian_estimator=finite_difference", True),
+    ("stale_guard=true,hessian_interval=2", False),
+    ("stale_guard=true,hessian_interval=2,hessian_estimator=finite_difference", False),
+], ids=["exact", "finite differences", "stale guard, exact", "stale guard, finite differences"])
+def test_the_trainers_clipping_hands_the_step_each_gradients_norm(make_args, make_bert, make_dataset, monkeypatch,
+                                                                  optim_args, same_bits):
+    """The clipping keeps the norms it measures for the step (which then makes none of its own).  The logged
+    norm and the clipped gradient are accelerate's bit for bit, so without the stale guard (the norms only
+    say the step is finite) the run is the one where accelerate clips, bit for bit; the guard reads the
+    same norms to the step's float32 rounding (n·factor against ‖factor·g‖), so its run is that run's to
+    rounding (one step's clip factor here is about 0.1: a guard fed the norms before clipping is far off)."""
+    dataset = make_dataset(32)
+    told = []
+    original = AdaHessian.gradient_clipped_by_norm
+
+    def spy(self, norm, max_norm, measured=None):
+        told.append(measured)
+        return original(self, norm, max_norm, measured)
+
+    monkeypatch.setattr(AdaHessian, "gradient_clipped_by_norm", spy)
+    args = dict(max_steps=4, max_grad_norm=0.05, optim_args=optim_args)
+    measured = train(make_bert(), make_args(**args), dataset)
+    trainable = {id(p) for p in measured.model.parameters() if p.requires_grad}
+    assert len(told) == 4 and all(m is not None and set(map(id, m[0])) == trainable for m in told)
+
+    told.clear()
+    from hf_adahessian import trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "_clip_measuring", lambda *args: None)
+    stock = train(make_bert(), make_args(**args), dataset)
+    assert told == [None] * 4
+
+    if same_bits:
+        assert logged(measured, "grad_norm") == logged(stock, "grad_norm")
+        assert all(torch.equal(a, b) for a, b in zip(measured.model.parameters(), stock.model.parameters()))
+    else:
+        assert logged(measured, "grad_norm")[0] == logged(stock, "grad_norm")[0]
+        assert logged(measured, "grad_norm") == pytest.approx(logged(stock, "grad_norm"), rel=1e-4)
+        for a, b in zip(measured.model.parameters(), stock.model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- mixed precision
 
 
