@@ -13,7 +13,7 @@ library's, so a change to the trainer's path changes what is measured here:
 * for finite differences, ``estimators.fd_epsilon`` and the trainer's own
   ``hessian_pass.perturbed_pass`` (θ ± εz and back, the gradient folded in), the plain pass
   at θ and ``est.finish_()`` (forward or central, the optimizer's ``fd_scheme``), the dropout
-  masks drawn by the first pass on a batch and replayed by the others (``hessian_pass.drawn_once``);
+  masks drawn by the first pass on a batch and replayed by the others (``hessian_pass.same_dropout_masks``);
 * for ``hessian_batch_fraction``, ``hessian_pass.split_batch`` cuts the head of the batch.
 
 A step function takes ``phase``: a function of a phase name that returns a context
@@ -30,9 +30,11 @@ from typing import Callable, ContextManager
 import torch
 from torch.profiler import record_function
 
+from hf_adahessian import AdaHessian
+from hf_adahessian.clipping import clip_grad_norm_measured_
 from hf_adahessian.estimators import fd_epsilon, gradients_with_graph
-from hf_adahessian.hessian_pass import (chunk_sizes, double_backward_ready, dropout_masks_for, drawn_once, mark,
-                                       perturbed_pass, split_batch)
+from hf_adahessian.hessian_pass import (chunk_sizes, double_backward_ready, mark, perturbed_pass, same_dropout_masks,
+                                       split_batch)
 from hf_adahessian.lookups import compact_lookups
 
 Phase = Callable[[str], ContextManager]
@@ -62,13 +64,15 @@ class PhaseTimer:
 
 
 def finish_step(optimizer, params, phase: Phase, update: str = "update", max_grad_norm: float = MAX_GRAD_NORM):
-    """Clipping (its factor told to ``clip_hessian``), ``step()``, ``zero_grad(set_to_none=True)``, in turn."""
+    """Clipping as the Trainer's (for AdaHessian, the norm and each gradient's norm told to the step), ``step()``,
+    ``zero_grad(set_to_none=True)``, in turn."""
     if max_grad_norm and max_grad_norm > 0:
         with phase("clip"):
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if getattr(optimizer, "clip_hessian", False):
-                # As the Trainer's clipping does: the estimate is scaled with the gradient.
-                optimizer.gradient_clipped_by_norm(norm, max_grad_norm)
+            if isinstance(optimizer, AdaHessian):
+                norm, measured = clip_grad_norm_measured_(params, max_grad_norm)
+                optimizer.gradient_clipped_by_norm(norm, max_grad_norm, measured)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     with phase(update):
         optimizer.step()
     with phase("zero_grad"):
@@ -150,14 +154,15 @@ def _difference_step(model, batch: dict, perturbed_batch: dict, optimizer, schem
     params = estimate.params
     eps = fd_epsilon(params, optimizer.relative_fd_step())
     # The first pass on a batch keeps its dropout masks, the passes after it on the same batch replay them.
-    masks = dropout_masks_for(model)
+    signs = (1, -1) if scheme == "central" else (1,)
     whole = perturbed_batch is batch
-    for i, sign in enumerate((1, -1) if scheme == "central" else (1,)):
+    passes = same_dropout_masks(model, len(signs) + whole)
+    for sign, masks in zip(signs, passes):
         at = "θ+εz" if sign > 0 else "θ−εz"
         with contextlib.ExitStack() as moved:
             with phase(f"perturb {at}"):
                 moved.enter_context(perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign))
-            with drawn_once(masks, first=i == 0, last=not whole):
+            with masks:
                 with phase(f"forward{label} ({at})"):
                     loss = model(**perturbed_batch).loss
                 with phase(f"grad{label} ({at})"):
@@ -165,7 +170,7 @@ def _difference_step(model, batch: dict, perturbed_batch: dict, optimizer, schem
             del loss
             with phase(f"restore θ from {at}"):
                 moved.close()
-    with drawn_once(masks if whole else None, first=False, last=True):
+    with next(passes) if whole else contextlib.nullcontext():
         with phase("forward"):
             loss = model(**batch).loss
         with phase("backward"):

@@ -13,8 +13,8 @@ measured is what the trainer runs:
   calls ``.backward()`` on the result the Hessian pass takes over.  Nothing of
   accelerate is patched or re-implemented; :func:`amp_scale` reads its scaler;
 * :func:`perturbed_pass` — the finite-difference estimator's pass at θ ± εz;
-  :func:`dropout_masks_for` / :func:`drawn_once` — the dropout masks of a batch's passes
-  drawn by the first and replayed by the others (``dropout_masks.py``);
+  :func:`same_dropout_masks` — the dropout masks of a batch's passes drawn by the first and
+  replayed by the others (``dropout_masks.py``);
 * :func:`fsdp_gradient_sync` / :func:`fsdp_resharded` — what FSDP2 needs of a Hessian step:
   each micro-batch's gradients reduced into the shards, θ ± εz gathered afresh;
 * :func:`micro_batch` — one micro-batch of a Hessian step through the Trainer's own
@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -53,8 +53,7 @@ __all__ = [
     "split_batch",
     "micro_batch",
     "perturbed_pass",
-    "dropout_masks_for",
-    "drawn_once",
+    "same_dropout_masks",
     "running_stats_kept",
     "untraced",
     "catch_up",
@@ -348,10 +347,8 @@ def catch_up(*, model, inputs, num_items_in_batch, estimate: HessianEstimate, st
     estimate.catch_up = True
     if estimator == "finite_difference":
         eps = fd_epsilon(estimate.params, relative_fd_step)
-        masks = dropout_masks_for(model)
-        for sign in (1, -1):
-            with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator), \
-                    drawn_once(masks, first=sign > 0, last=True):
+        for sign, masks in zip((1, -1), same_dropout_masks(model, 2)):
+            with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator), masks:
                 stock_step(model, inputs, num_items_in_batch)
     else:
         with untraced(model, estimate.params), exact_pass(model, estimate, accelerator, add_grad=False):
@@ -415,10 +412,8 @@ def _finite_difference_sub_batch(model, inputs, num_items, estimate, stock_step,
     """
     head, head_items = _head(inputs, num_items, fraction, count_items)
     eps = fd_epsilon(estimate.params, relative_step) if estimate.difference is None else estimate.difference[0]
-    masks = dropout_masks_for(model)
-    for sign in (1, -1):
-        with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator), \
-                drawn_once(masks, first=sign > 0, last=True):
+    for sign, masks in zip((1, -1), same_dropout_masks(model, 2)):
+        with perturbed_pass(model, estimate, eps, scheme="central", sign=sign, accelerator=accelerator), masks:
             stock_step(model, head, head_items)
     return plain(stock_step(model, inputs, num_items))
 
@@ -447,12 +442,12 @@ def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerat
     """
     params = estimate.params
     eps = fd_epsilon(params, relative_step) if estimate.difference is None else estimate.difference[0]
-    masks = dropout_masks_for(model)
-    for i, sign in enumerate((1, -1) if scheme == "central" else (1,)):
-        with perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign, accelerator=accelerator), \
-                drawn_once(masks, first=i == 0, last=False):
+    signs = (1, -1) if scheme == "central" else (1,)
+    passes = same_dropout_masks(model, len(signs) + 1)
+    for sign, masks in zip(signs, passes):
+        with perturbed_pass(model, estimate, eps, scheme=scheme, sign=sign, accelerator=accelerator), masks:
             stock_step(model, inputs, num_items)
-    with drawn_once(masks, first=False, last=True):
+    with next(passes):
         return plain(stock_step(model, inputs, num_items))
 
 
@@ -461,18 +456,16 @@ def _finite_difference(model, inputs, num_items, estimate, stock_step, accelerat
 REPLAY_DROPOUT_MASKS = True
 
 
-def dropout_masks_for(model: torch.nn.Module) -> Masks | None:
-    """Where the passes of a finite-difference step on one batch keep and replay their dropout masks (None: each
-    pass draws its own)."""
-    return Masks() if REPLAY_DROPOUT_MASKS and replay_possible(model) else None
-
-
-def drawn_once(masks: Masks | None, *, first: bool, last: bool):
-    """For a pass on the batch ``masks`` serves: the first keeps its dropout masks, the passes after it replay
-    them (``last``: the last to, which lets each mask go once used)."""
-    if masks is None:
-        return contextlib.nullcontext()
-    return masks.kept() if first else masks.replayed(last=last)
+def same_dropout_masks(model: torch.nn.Module, passes: int) -> Iterator[contextlib.AbstractContextManager]:
+    """A context for each of ``passes`` passes on one batch, in turn: the first keeps the dropout masks it draws,
+    the others replay them (the last letting each go once used).  Each pass draws its own where the replay is off
+    or ``model`` cannot run under it."""
+    masks = Masks() if REPLAY_DROPOUT_MASKS and replay_possible(model) else None
+    for i in range(passes):
+        if masks is None:
+            yield contextlib.nullcontext()
+        else:
+            yield masks.kept() if i == 0 else masks.replayed(last=i == passes - 1)
 
 
 def _fd_sink(estimate: HessianEstimate, accelerator, eps: float, scheme: str, sign: int):
