@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Callable, Iterable, Literal, NamedTuple
 
 import torch
@@ -72,15 +73,19 @@ class _MeasuredNorms(NamedTuple):
     (times the clip factor) while the gradient is still the tensor that was measured.
     """
 
-    measured: dict  # id(parameter) -> (its gradient when measured, position in norms)
+    # id(parameter) -> (a weak reference to its gradient when measured, its position in norms): weak, so that a
+    # step the loss scaler skips leaves no gradient alive through the next backward.
+    measured: dict
     norms: list
 
     def after_clipping(self, params: list, grads: list, factor) -> list[torch.Tensor] | None:
         """The norms of ``grads`` (of ``params``) times ``factor``, or None unless each is a gradient measured."""
+        if not self.norms:
+            return None
         positions = []
         for p, g in zip(params, grads):
             entry = self.measured.get(id(p))
-            if entry is None or entry[0] is not g:
+            if entry is None or entry[0]() is not g:
                 return None
             positions.append(entry[1])
         device = self.norms[0].device
@@ -323,7 +328,7 @@ class AdaHessian(Optimizer):
         clipping), where the clipping measured each (the Trainer's does): the next step takes them, times the
         factor, for its own pass over the gradients, while each gradient is the tensor measured."""
         self._measured_norms = None if measured is None else _MeasuredNorms(
-            {id(p): (p.grad, i) for i, p in enumerate(measured[0])}, list(measured[1]))
+            {id(p): (weakref.ref(p.grad), i) for i, p in enumerate(measured[0])}, list(measured[1]))
         if isinstance(norm, torch.Tensor):
             self._clip_factor = _ClipNorm(norm.detach(), float(max_norm))
         else:

@@ -7,6 +7,8 @@ makes no norm of its own, and measures again wherever a gradient is no longer th
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -151,3 +153,17 @@ def test_measured_norms_are_read_by_the_next_step_only():
         with _Operators() as ran:
             opt.step()
         assert bool(ran.names & NORMS) is (step == 1)
+
+
+def test_told_norms_keep_no_gradient_alive():
+    """A step the loss scaler skips never reads them: the gradients they were measured on must still be freed by
+    ``zero_grad``, not held through the next backward."""
+    model = tiny_mlp(0)
+    opt = AdaHessian(model.parameters(), lr=0.05, seed=0, **GUARDED)
+    x, y = regression_batch(0)
+    mse(model, x, y).backward()
+    norm, measured = clip_grad_norm_measured_(list(model.parameters()), 0.01)
+    opt.gradient_clipped_by_norm(norm, 0.01, measured)
+    gradients = [weakref.ref(p.grad) for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    assert all(g() is None for g in gradients)
