@@ -44,6 +44,15 @@ def test_the_measured_clip_is_torchs_clip_grad_norm_bit_for_bit(dtype, max_norm)
     assert_all_equal([p.grad for p in ours], [p.grad for p in torchs], "clipped gradient")
 
 
+def test_gradients_of_two_dtypes_are_clipped_as_torch_clips_them_to_the_order_of_the_sum():
+    ours, torchs = _gradients(torch.float32)[:2] + _gradients(torch.float64)[2:], \
+        _gradients(torch.float32)[:2] + _gradients(torch.float64)[2:]
+    total, _ = clip_grad_norm_measured_(ours, 0.5)
+    torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(torchs, 0.5))
+    for a, b in zip(ours, torchs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_parameters_without_a_gradient_are_left_out():
     params = _gradients(torch.float32)
     params[1].grad = None
