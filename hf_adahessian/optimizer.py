@@ -78,8 +78,9 @@ class _MeasuredNorms(NamedTuple):
     measured: dict
     norms: list
 
-    def after_clipping(self, params: list, grads: list, factor) -> list[torch.Tensor] | None:
-        """The norms of ``grads`` (of ``params``) times ``factor``, or None unless each is a gradient measured."""
+    def after_clipping(self, params: list, grads: list, factor: float | torch.Tensor) -> torch.Tensor | None:
+        """The norms of ``grads`` (of ``params``) times ``factor``, one vector, or None unless each is a gradient
+        measured."""
         if not self.norms:
             return None
         positions = []
@@ -92,9 +93,7 @@ class _MeasuredNorms(NamedTuple):
         norms = torch.stack([n.to(device, torch.float32) for n in self.norms])
         if positions != list(range(len(self.norms))):
             norms = norms[torch.tensor(positions, device=device)]
-        if isinstance(factor, _ClipNorm):
-            factor = factor.factor()
-        return list((norms * factor if isinstance(factor, torch.Tensor) or factor != 1.0 else norms).unbind())
+        return norms * factor if isinstance(factor, torch.Tensor) or factor != 1.0 else norms
 
 
 class _RowCounts(NamedTuple):
@@ -411,15 +410,14 @@ class AdaHessian(Optimizer):
             estimate.finish_()
 
         diags = self._hessian_diagonals(estimate) if estimate is not None else {}
-        owners, grads = [], []
+        if isinstance(clip_factor, _ClipNorm) and (measured is not None or (self.clip_hessian and estimate is not None)):
+            clip_factor = clip_factor.factor()  # once, for whichever of the two reads it
+        owners, as_measured, grads = [], [], []
         for p in self.trainable_params():
             if p.grad is None:
                 continue
             owners.append(p)
-            grads.append(p.grad)
-        norms = measured.after_clipping(owners, grads, clip_factor) if measured is not None and grads else None
-        grads = []
-        for p in owners:
+            as_measured.append(p.grad)  # before detaching: the tensors the clipping measured
             if p.grad.requires_grad:
                 # create_graph=True leaves grad -> graph -> param -> grad: a cycle
                 # that keeps the whole graph alive unless the grad is detached.
@@ -430,16 +428,17 @@ class AdaHessian(Optimizer):
 
         # One host sync per step: is the gradient finite; on Hessian steps, is the
         # estimate, which tensors did it observe only in part, and the clip factor.
-        if norms is None:
-            norms = [_whole(n).float() for n in torch._foreach_norm(grads)] if grads else []
-        checks = [torch.stack(norms).sum()] if grads else []
+        norms = measured.after_clipping(owners, as_measured, clip_factor) if measured is not None and grads else None
+        if norms is None and grads:
+            norms = torch.stack([_whole(n).float() for n in torch._foreach_norm(grads)])
+        checks = [norms.sum()] if grads else []
         for _, rows, total in diags.values():
             checks += [_whole(total).float(), _whole(rows.logical_not().sum()).float()]
-        if self.stale_guard:
-            checks += norms
-        read_clip = self.clip_hessian and estimate is not None and isinstance(clip_factor, (torch.Tensor, _ClipNorm))
+        if self.stale_guard and grads:
+            checks += list(norms.unbind())
+        read_clip = self.clip_hessian and estimate is not None and isinstance(clip_factor, torch.Tensor)
         if read_clip:
-            checks.append(_whole(clip_factor.factor() if isinstance(clip_factor, _ClipNorm) else clip_factor))
+            checks.append(_whole(clip_factor))
         device = checks[0].device if checks else None
         dtype = _host_scalar_dtype(device) if read_clip else torch.float32
         values = torch.stack([c.to(device, dtype) for c in checks]).tolist() if checks else []
