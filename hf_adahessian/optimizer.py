@@ -39,6 +39,7 @@ from torch.optim.optimizer import Optimizer
 
 from .estimate import HessianEstimate, hessian_diagonal_
 from .estimators import FD_STEP, closure_difference
+from .fused_step import fusable, fused_kernel_holds_v, fused_plain_update_
 from .probes import is_dtensor
 from .validation import HyperparameterError, check_group_hyperparameters, check_optimizer_hyperparameters
 
@@ -198,6 +199,10 @@ class AdaHessian(Optimizer):
         seed: seed of the probes, which are drawn from (seed, step, parameter) and never
             from the global RNG. ``None`` takes ``torch.initial_seed()``.
         foreach: use the ``torch._foreach_*`` kernels; ``None`` picks them on GPUs.
+        fused: take the steps without a fresh estimate through torch's fused AdamW kernel, where
+            a tensor is fp32 on CPU (``fused_step.py``: the loop's step to fp32 rounding, in one pass
+            where the loop makes five); ``None`` does so where this torch's kernel passes the check
+            made once a process, ``True`` also, and raises where it fails; ``False`` never.
     """
 
     def __init__(
@@ -224,6 +229,7 @@ class AdaHessian(Optimizer):
         fd_step: float | None = None,
         seed: int | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         try:
             check_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, block_size)
@@ -232,9 +238,12 @@ class AdaHessian(Optimizer):
                                             stale_guard_reference)
         except HyperparameterError as err:
             raise ValueError(f"AdaHessian: {err}") from None
+        if fused and not fused_kernel_holds_v():
+            raise ValueError(f"AdaHessian: fused=True, but torch {torch.__version__}'s fused AdamW kernel does not "
+                             "take AdaHessian's step on CPU (see fused_step.py); use fused=None or fused=False.")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
-            block_size=block_size, average_conv_kernel=average_conv_kernel, foreach=foreach,
+            block_size=block_size, average_conv_kernel=average_conv_kernel, foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
         self.hessian_interval = hessian_interval
@@ -465,6 +474,7 @@ class AdaHessian(Optimizer):
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
                 update_clip=self.update_clip, min_row_estimates=self.min_row_estimates, v_weight=v_weight,
                 estimate_scale=clip_factor if self.clip_hessian else 1.0, foreach=group["foreach"],
+                fused=group.get("fused"),
             )
         return loss
 
@@ -839,6 +849,7 @@ def adahessian(
     v_weight: int = 1,
     estimate_scale: float = 1.0,
     foreach: bool | None = None,
+    fused: bool | None = False,
 ) -> None:
     """One AdaHessian update of ``params`` in place; moments are fp32.
 
@@ -857,7 +868,9 @@ def adahessian(
     ``min_row_estimates`` estimates takes at least the mean v̂ of the rows estimated.
     ``v_weight`` w: the steps this step's estimates stand for; v decays by β2^w and takes
     1 − β2^w of D² (``time_weighted``; 1 is the paper's EMA).  ``estimate_scale`` c: D enters v as c·D
-    (``clip_hessian``: the gradient's clip factor).
+    (``clip_hessian``: the gradient's clip factor).  ``fused`` (``None`` or True): a tensor without an
+    estimate this step, with a tensor-wide denominator, takes torch's fused AdamW kernel where it can
+    (``fused_step.py``); False: never.
     """
     if foreach is None:
         foreach = _default_foreach(params)
@@ -865,6 +878,21 @@ def adahessian(
         denominator_scales = [1.0] * len(params)
     row_counts = [c if c is None or isinstance(c, _RowCounts) else _RowCounts(c, _row_bias_correction(c, beta2))
                   for c in row_hessian_steps]
+    if fused is not False and hessian_power == 1.0 and update_clip is None and fused_kernel_holds_v():
+        lists = (params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
+                 hessian_steps, denominator_scales)
+        plain = [i for i in range(len(params))
+                 if hessian_diags[i] is None and row_counts[i] is None and hessian_steps[i] > 0
+                 and not isinstance(denominator_scales[i], torch.Tensor)
+                 and fusable(params[i], exp_avgs[i], exp_hessian_diag_sqs[i])]
+        if plain:
+            fused_plain_update_(
+                *([xs[i] for i in plain] for xs in (params, grads, exp_avgs, exp_hessian_diag_sqs, steps)),
+                [_tensor_factor(hessian_steps[i], beta2, 1.0, denominator_scales[i]) for i in plain],
+                lr=lr, beta1=beta1, eps=eps, weight_decay=weight_decay)
+            rest = sorted(set(range(len(params))) - set(plain))
+            (params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
+             hessian_steps, denominator_scales) = ([xs[i] for i in rest] for xs in lists)
     fn = _multi_tensor_adahessian if foreach else _single_tensor_adahessian
     fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
        hessian_steps, denominator_scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,

@@ -135,7 +135,7 @@ def test_optim_args_and_trainer_flags_reach_the_optimizer(make_args, make_bert, 
     args = make_args(
         learning_rate=0.2, adam_beta1=0.8, adam_beta2=0.99, weight_decay=0.01, seed=123,
         optim_args="hessian_power=0.5, hessian_interval=3, block_size=4, n_samples=2, eps=1e-6,"
-                   "average_conv_kernel=false, foreach=false",
+                   "average_conv_kernel=false, foreach=false, fused=false",
     )
     model = make_bert()
     trainer = AdaHessianTrainer(model=model, args=args, train_dataset=make_dataset(16))
@@ -154,6 +154,7 @@ def test_optim_args_and_trainer_flags_reach_the_optimizer(make_args, make_bert, 
         assert group["block_size"] == 4
         assert group["average_conv_kernel"] is False
         assert group["foreach"] is False
+        assert group["fused"] is False
 
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.01 for p in g["params"]}
