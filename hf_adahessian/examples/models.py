@@ -46,6 +46,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from .canonical_unigram import canonical_unigram
+
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +135,7 @@ def _train_seq2seq(model_type: str, texts: list[str], vocab_size: int) -> tuple[
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
     tok.train_from_iterator(texts, trainer)
+    canonical_unigram(tok, specials)  # the trainer's ids and last bits change from one training to the next
     # T5 closes each segment; Marian closes the whole input only.
     _template(tok, "$A </s>", "$A </s> $B </s>" if model_type == "t5" else "$A $B </s>", ["</s>"])
     return tok, dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
