@@ -29,13 +29,18 @@ embeddings, alone (``steps.chunk_parameter_passes``: the probes' float copy, a f
 Hz, their sums): the floor of a chunk's cost beyond its share of the double backward.
 
 In the same process and interleaved round by round (so that another process on the cores
-slows all of them alike), the same batch through an AdamW step, an AdaHessian step without a
+slows all of them alike), the same batch through an AdamW step (``torch.optim.AdamW``'s for-loop and its
+fused kernel, transformers 5's default), an AdaHessian step without a
 Hessian (the steps between two estimates when hessian_interval > 1; plain and under the stale guard with
 either reference) and, with ``--peers``, the
 peer packages' Hessian steps (``backward(create_graph=True)`` under ``double_backward_ready``,
 then their ``step()``). Each is measured ``--repeats`` times after ``--warmup`` rounds and the
 medians are reported (the first, cold, round is kept in the JSON). A ``torch.profiler`` trace of
 ``--profile_steps`` Hessian steps per estimator then gives the top operators by self CPU time.
+From the medians, a run's time per step under the recipes' schedules (``SCHEDULES``: the
+finite-difference Hessian step in the share of the SST-2 benchmark's 150 steps that takes one, the
+step under the stale guard in the rest) over each AdamW step: the time target's ratio without the
+minutes between two comparison runs in it.
 """
 
 from __future__ import annotations
@@ -69,6 +74,13 @@ GUARDS = {"": {}, ", stale guard (last)": {"stale_guard": True},
           ", stale guard (average)": {"stale_guard": True, "stale_guard_reference": "average"}}
 HESSIAN_STEP = {"exact": "adahessian exact Hessian step", "finite_difference": "adahessian finite-difference Hessian step"}
 HESSIAN_FN = {"exact": exact_hessian_step, "finite_difference": finite_difference_hessian_step}
+FUSED_ADAMW = "adamw step (fused)"
+# A run's time per step from the interleaved medians: the finite-difference Hessian step and the step
+# between two estimates under the stale guard (average), in the share of the SST-2 benchmark's 150 steps
+# that each schedule gives them: (hessian_interval, hessian_warmup).
+SCHEDULES = {"interval 20 after 15 dense steps (the recipe)": (20, 15), "interval 20 after 5 dense steps": (20, 5)}
+SCHEDULE_STEPS = 150
+BETWEEN = "adahessian step without Hessian, stale guard (average)"
 PEERS = (specs.torch_optimizer_adahessian(1e-3, ()), specs.pytorch_optimizer_adahessian(1e-3, ()),
          specs.sophiah(1, 1e-3, ()))
 
@@ -83,6 +95,9 @@ def step_kinds(batch: dict, estimators: list[str], fd_scheme: str, peers: bool) 
     model, params = minilm_for_training()
     adamw = torch.optim.AdamW(params, lr=1e-5)
     kinds["adamw step"] = lambda phase, m=model, p=params: backward_step(m, batch, adamw, p, phase)
+    m, p = minilm_for_training()
+    fused = torch.optim.AdamW(p, lr=1e-5, fused=True)  # --optim adamw_torch_fused, transformers 5's default
+    kinds[FUSED_ADAMW] = lambda phase, m=m, p=p, opt=fused: backward_step(m, batch, opt, p, phase)
     for estimator in estimators:
         m, p = minilm_for_training()
         opt = AdaHessian(p, hessian_interval=1, hessian_estimator=estimator, fd_scheme=fd_scheme, **ADAHESSIAN)
@@ -164,6 +179,30 @@ def top_operators(fn, steps: int, top: int) -> dict:
             "step_timers": timers, "top_ops": sorted(ops, key=lambda o: o["self_cpu_ms"], reverse=True)[:top]}
 
 
+def hessian_steps(interval: int, warmup: int, steps: int = SCHEDULE_STEPS) -> int:
+    """How many of ``steps`` optimizer steps take a Hessian under AdaHessian's own schedule."""
+    from hf_adahessian import AdaHessian
+    import torch
+
+    rule = AdaHessian([torch.zeros(1, requires_grad=True)], hessian_interval=interval, hessian_warmup=warmup)
+    return sum(rule._is_hessian_index(step) for step in range(steps))
+
+
+def schedule_lines(totals: dict) -> list[str]:
+    """Each schedule's time per step, weighted from the medians, over each AdamW's step."""
+    hessian = totals.get(HESSIAN_STEP["finite_difference"])
+    if hessian is None or BETWEEN not in totals:
+        return []
+    lines = []
+    for name, (interval, warmup) in SCHEDULES.items():
+        h = hessian_steps(interval, warmup)
+        per_step = ((SCHEDULE_STEPS - h) * totals[BETWEEN] + h * hessian) / SCHEDULE_STEPS
+        lines.append(f"{name}, {h} of {SCHEDULE_STEPS} steps with a Hessian: {per_step:.3f} s/step, "
+                     f"{per_step / totals['adamw step']:.2f}× the AdamW step, "
+                     f"{per_step / totals[FUSED_ADAMW]:.2f}× the fused AdamW step")
+    return lines
+
+
 def main() -> None:
     p = profile_parser(MODULE, __doc__)
     p.add_argument("--repeats", type=int, help="measured rounds (default: 15; quick 1)")
@@ -200,6 +239,7 @@ def main() -> None:
     if ours:
         ratio_lines += [f"{s.name} Hessian step / ours (exact): {totals[f'{s.name} Hessian step'] / ours:.3f}×"
                         for s in PEERS if f"{s.name} Hessian step" in totals]
+    ratio_lines += schedule_lines(totals)
     sections = []
     for estimator, prof in profiles.items():
         op_table = markdown_table(
@@ -218,7 +258,7 @@ def main() -> None:
         "batch_size": BATCH_SIZE, "max_seq_length": MAX_LENGTH, "adahessian": ADAHESSIAN,
         "estimators": args.estimators, "fd_scheme": args.fd_scheme, "repeats": repeats, "warmup": warmup,
         "measure_s": measure_s,
-        "summary": summary, "rounds": rounds, "profiles": profiles,
+        "summary": summary, "rounds": rounds, "profiles": profiles, "schedules": schedule_lines(totals),
     })
 
 
