@@ -374,6 +374,10 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
         # ... with the estimate clipped by the gradient's clip factor (clip_hessian), and with v forgetting
         # the early estimates (β2 per estimate) at that row's lr.
         clipped,
+        # ... after 5 dense steps instead of 15: 9 fewer Hessian steps in 150 on SST-2.
+        adahessian(20, ch_lr, ch_grid, block_size=32, hessian_warmup=5, stale_guard=True,
+                   stale_guard_reference="average", clip_hessian=True, hessian_estimator="finite_difference",
+                   note="the 15-step warm-up's lr"),
         *(with_beta2(clipped, beta2, note="the row at β2 0.999's lr") for beta2 in (0.95, 0.9)),
         torch_optimizer_adahessian(lr, grid),
         pytorch_optimizer_adahessian(lr, grid),
