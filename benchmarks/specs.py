@@ -32,6 +32,7 @@ NAME_REFERENCE: dict[str, Any] = {
     "hessian_estimator": "exact",
     "hessian_chunks": 1,
     "hessian_warmup": 0,
+    "hessian_warmup_interval": 1,
     "stale_guard": False,
     "stale_guard_reference": "last",
     "min_row_estimates": 1,
@@ -42,6 +43,7 @@ NAME_REFERENCE: dict[str, Any] = {
     "fd_step": None,
     "average_conv_kernel": True,
     "foreach": None,
+    "fused": None,
 }
 _SUFFIX = {
     "hessian_power": lambda v: "p" + f"{v:g}".replace(".", ""),
@@ -52,6 +54,7 @@ _SUFFIX = {
     "hessian_estimator": lambda v: {"finite_difference": "fd"}.get(v, v),
     "hessian_chunks": lambda v: f"c{v}",
     "hessian_warmup": lambda v: f"w{v}",
+    "hessian_warmup_interval": lambda v: f"i{v}",
     "stale_guard": lambda v: "sg" if v else "nosg",
     "stale_guard_reference": lambda v: f"sg{v[0]}",
     "min_row_estimates": lambda v: f"r{v}",
@@ -62,6 +65,7 @@ _SUFFIX = {
     "fd_step": lambda v: f"fds{v:g}",
     "average_conv_kernel": lambda v: "conv" if v else "noconv",
     "foreach": lambda v: "foreach" if v else "noforeach",
+    "fused": lambda v: "fused" if v else "nofused",
 }
 # Trainer-side keys: not the optimizer's, so not the plain loop's.
 TRAINER_KEYS = ("hessian_batch_fraction", "hessian_chunks")

@@ -170,7 +170,8 @@ def validate(settings: AdaHessianSettings, args: TrainingArguments) -> None:
                                     args.weight_decay, kw["hessian_power"], kw["block_size"])
         check_optimizer_hyperparameters(kw["hessian_interval"], kw["n_samples"], kw["hessian_estimator"],
                                         kw["fd_scheme"], kw["fd_step"], kw["hessian_warmup"], kw["update_clip"],
-                                        kw["min_row_estimates"], kw["stale_guard"], kw["stale_guard_reference"])
+                                        kw["min_row_estimates"], kw["stale_guard"], kw["stale_guard_reference"],
+                                        kw["hessian_warmup_interval"])
         fraction = settings.hessian_batch_fraction
         check("hessian_batch_fraction", 0.0 < fraction <= 1.0, fraction, "a number in (0, 1]")
         check_int("hessian_chunks", settings.hessian_chunks)

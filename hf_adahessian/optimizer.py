@@ -8,7 +8,8 @@
 D is Hutchinson's |z ⊙ Hz| averaged over blocks (``estimate.py``).  As in
 ``torch/optim/adamw.py``, the class gathers each group's lists and lazily makes
 state (``_init_group``), then a functional core (``adahessian``) with a for-loop
-and a ``foreach`` implementation does the arithmetic.
+and a ``foreach`` implementation does the arithmetic; on CPU the steps without an
+estimate take torch's fused AdamW kernel with v held (``fused_step.py``).
 
 Curvature is per coordinate: v and its bias correction advance only for the rows
 (slices along the first dimension) that an estimate observed.  An embedding row no
@@ -153,6 +154,9 @@ class AdaHessian(Optimizer):
         hessian_warmup: estimate the Hessian on each of the first W steps, then every
             ``hessian_interval`` (W+1, W+1+N, …): curvature changes fastest early, above all
             while a new head is still random.
+        hessian_warmup_interval: during those W steps, a Hessian every this many (steps 1,
+            1+M, 1+2M, … below W; 1, the default, is every one): the warm-up's estimates
+            spread over the same steps at a fraction of their cost.
         stale_guard: multiply each tensor's denominator by how much the (moving average of
             the) norm of its gradient has grown since its last estimate, never by less than 1,
             so that a stale, too small curvature does not drive steps the fresh one would not;
@@ -215,6 +219,7 @@ class AdaHessian(Optimizer):
         hessian_power: float = 1.0,
         hessian_interval: int = 1,
         hessian_warmup: int = 0,
+        hessian_warmup_interval: int = 1,
         stale_guard: bool = False,
         stale_guard_reference: Literal["last", "average"] = "last",
         min_row_estimates: int = 1,
@@ -235,7 +240,7 @@ class AdaHessian(Optimizer):
             check_group_hyperparameters(lr, betas, eps, weight_decay, hessian_power, block_size)
             check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step,
                                             hessian_warmup, update_clip, min_row_estimates, stale_guard,
-                                            stale_guard_reference)
+                                            stale_guard_reference, hessian_warmup_interval)
         except HyperparameterError as err:
             raise ValueError(f"AdaHessian: {err}") from None
         if fused and not fused_kernel_holds_v():
@@ -248,6 +253,7 @@ class AdaHessian(Optimizer):
         super().__init__(params, defaults)
         self.hessian_interval = hessian_interval
         self.hessian_warmup = hessian_warmup
+        self.hessian_warmup_interval = hessian_warmup_interval
         self.stale_guard = stale_guard
         self.stale_guard_reference = stale_guard_reference
         self.min_row_estimates = min_row_estimates
@@ -297,7 +303,9 @@ class AdaHessian(Optimizer):
         return self._is_hessian_index(self.stats.step)
 
     def _is_hessian_index(self, step: int) -> bool:
-        return step < self.hessian_warmup or (step - self.hessian_warmup) % self.hessian_interval == 0
+        if step < self.hessian_warmup:
+            return step % self.hessian_warmup_interval == 0
+        return (step - self.hessian_warmup) % self.hessian_interval == 0
 
     def _steps_covered(self) -> int:
         """The steps an estimate made now stands for: from this step to the next Hessian step."""

@@ -77,7 +77,7 @@ GUARD_REFERENCES = ("last", "average")
 
 def check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimator, fd_scheme, fd_step,
                                     hessian_warmup=0, update_clip=None, min_row_estimates=1, stale_guard=False,
-                                    stale_guard_reference="last") -> None:
+                                    stale_guard_reference="last", hessian_warmup_interval=1) -> None:
     """What belongs to the optimizer as a whole."""
     check_int("hessian_interval", hessian_interval)
     check("stale_guard_reference", stale_guard_reference in GUARD_REFERENCES, stale_guard_reference,
@@ -86,6 +86,7 @@ def check_optimizer_hyperparameters(hessian_interval, n_samples, hessian_estimat
           "'last' (the default) without stale_guard=True: it says what the stale guard compares with, "
           "so turn the guard on too")
     check_int("hessian_warmup", hessian_warmup, minimum=0)
+    check_int("hessian_warmup_interval", hessian_warmup_interval)
     check("update_clip", update_clip is None or (_is_number(update_clip) and 0 < update_clip < math.inf),
           update_clip, "a finite positive number (or None: unbounded)")
     check_int("min_row_estimates", min_row_estimates)

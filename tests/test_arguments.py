@@ -212,6 +212,7 @@ def test_unknown_optim_args_key_is_refused_listing_the_accepted_keys(tmp_path):
     ("n_samples=x", "n_samples"),
     ("block_size=", "block_size"),
     ("foreach=maybe", "foreach"),
+    ("fused=maybe", "fused"),
     ("hessian_batch_fraction=half", "hessian_batch_fraction"),
     ("stale_guard=true,stale_guard_reference=mean", "stale_guard_reference"),
 ])
@@ -227,6 +228,7 @@ def test_non_number_optim_arg_is_refused_naming_the_key(tmp_path, optim_args, ke
     ("eps=0", "eps"),
     ("eps=-1e-4", "eps"),
     ("hessian_interval=0", "hessian_interval"),
+    ("hessian_warmup=15,hessian_warmup_interval=0", "hessian_warmup_interval"),
     ("n_samples=0", "n_samples"),
     # Finite differences take one probe: a second would need a gradient pass of its own.
     ("n_samples=4,hessian_estimator=finite_difference", "n_samples"),

@@ -77,6 +77,8 @@ def test_the_canonical_layout_keeps_the_specials_pieces_and_scores():
     body = after[3:]
     assert body == sorted(body, key=lambda e: (-e[1], e[0]))
     assert json.loads(tok.to_str())["model"]["unk_id"] == 2
+    assert [tok.token_to_id(p) for p in SPECIALS] == [0, 1, 2]
+    assert [t["id"] for t in json.loads(tok.to_str())["added_tokens"]] == [0, 1, 2]
 
 
 def _unigram(vocab: list) -> Tokenizer:
@@ -112,10 +114,12 @@ def test_the_model_folders_seq2seq_tokenizer_is_the_same_every_build():
     assert len(built) == 1
 
 
-def test_a_model_other_than_unigram_is_refused():
-    tok = Tokenizer(tokenizer_models.BPE())
+def test_a_model_other_than_unigram_or_specials_elsewhere_are_refused():
     with pytest.raises(ValueError, match="Unigram"):
-        canonical_unigram(tok, SPECIALS)
+        canonical_unigram(Tokenizer(tokenizer_models.BPE()), SPECIALS)
+    moved = Tokenizer(tokenizer_models.Unigram([("<pad>", 0.0), ("a", -1.0), ("</s>", 0.0), ("<unk>", 0.0)], unk_id=3))
+    with pytest.raises(ValueError, match="special tokens"):
+        canonical_unigram(moved, SPECIALS)
 
 
 @pytest.mark.slow

@@ -710,6 +710,8 @@ _BAD_ARGUMENTS = [
     ("hessian_interval", 2.0, "integer"),
     ("n_samples", 0, ">= 1"),
     ("n_samples", 1.5, "integer"),
+    ("hessian_warmup_interval", 0, ">= 1"),
+    ("hessian_warmup_interval", 1.5, "integer"),
     ("block_size", 0, ">= 1"),
     ("block_size", -32, ">= 1"),
 ]
@@ -731,7 +733,8 @@ def test_finite_differences_refuse_more_than_one_probe():
         AdaHessian([torch.zeros(2, requires_grad=True)], n_samples=2, hessian_estimator="finite_difference")
 
 
-_BAD_GROUP_VALUES = [case for case in _BAD_ARGUMENTS if case[0] not in ("hessian_interval", "n_samples")]
+_BAD_GROUP_VALUES = [case for case in _BAD_ARGUMENTS
+                     if case[0] not in ("hessian_interval", "n_samples", "hessian_warmup_interval")]
 
 
 @pytest.mark.parametrize("name, value, valid_range", _BAD_GROUP_VALUES, ids=_ids(_BAD_GROUP_VALUES))
@@ -1041,6 +1044,23 @@ def test_hessian_warmup_estimates_every_step_first_then_every_interval():
         opt.step()
     # Steps 1, 2, 3 (warm-up), then 4, 8, 12.
     assert [i + 1 for i, h in enumerate(schedule) if h] == [1, 2, 3, 4, 8, 12]
+
+
+def test_a_warmup_interval_spreads_the_warmups_estimates_over_its_steps():
+    """hessian_warmup=7 with a Hessian every third warm-up step: steps 1, 4, 7, then every interval from 8;
+    the counters and the time weighting's steps covered follow the same schedule."""
+    p = torch.zeros(3, requires_grad=True)
+    opt = AdaHessian([p], hessian_interval=5, hessian_warmup=7, hessian_warmup_interval=3, seed=0)
+    schedule, covered = [], []
+    for _ in range(18):
+        schedule.append(opt.is_hessian_step())
+        covered.append(opt._steps_covered() if schedule[-1] else None)
+        opt.zero_grad()
+        _backward_for(opt, ((p - 1) ** 4).sum())
+        opt.step()
+    assert [i + 1 for i, h in enumerate(schedule) if h] == [1, 4, 7, 8, 13, 18]
+    assert [c for c in covered if c is not None] == [3, 3, 1, 5, 5, 5]
+    assert opt.counters["hessian_updates"] == 6
 
 
 @pytest.mark.parametrize("foreach", [False, True])

@@ -60,7 +60,11 @@ def canonical_unigram(tok: Tokenizer, specials: list[str]) -> None:
     if state.get("type") != "Unigram":
         raise ValueError(f"canonical_unigram needs a Unigram model, got {state.get('type')!r}")
     vocab = [(piece, float(score)) for piece, score in state["vocab"]]
-    head = [entry for entry in vocab if entry[0] in specials]
+    head = vocab[: len(specials)]
+    if [piece for piece, _ in head] != list(specials):
+        # The added tokens hold these ids: a layout that moved them would break the tokenizer.
+        raise ValueError(f"canonical_unigram expects the special tokens {specials} first, in that order; "
+                         f"the trained model starts {[piece for piece, _ in head]}")
     scores = {piece: round(score, SCORE_DECIMALS) for piece, score in vocab if piece not in specials}
     ladder = sorted(_ladder(scores))
     for piece, score in zip(ladder, sorted((scores[p] for p in ladder), reverse=True)):
