@@ -138,3 +138,17 @@ def test_a_saved_comparison_renders_again_with_the_current_statistics(tmp_path, 
         assert t["seconds_per_step"] == pytest.approx(
             29 / 150 * t["median_hessian_step_s"] + 121 / 150 * t["median_plain_step_s"])
     assert "rendered_again" in again and "table.md" in {p.name for p in tmp_path.iterdir()}
+
+
+def test_the_profiles_schedules_weigh_the_medians_by_the_optimizers_own_schedule():
+    """The recipe takes 22 of 150 steps with a Hessian (15 dense, then 15, 35, …, 135); 5 dense steps 13; every
+    third of the 15 warm-up steps 12. A run's time per step is those shares of the two steps' medians."""
+    from benchmarks.profile_hessian_step import BETWEEN, FUSED_ADAMW, HESSIAN_STEP, hessian_steps, schedule_lines
+
+    assert [hessian_steps(20, 15), hessian_steps(20, 5), hessian_steps(20, 15, 3)] == [22, 13, 12]
+    totals = {"adamw step": 0.5, FUSED_ADAMW: 0.4, BETWEEN: 0.4, HESSIAN_STEP["finite_difference"]: 1.0}
+    recipe = schedule_lines(totals)[0]
+    per_step = (128 * 0.4 + 22 * 1.0) / 150
+    assert f"{per_step:.3f} s/step" in recipe
+    assert f"{per_step / 0.5:.2f}× the AdamW step" in recipe and f"{per_step / 0.4:.2f}× the fused AdamW step" in recipe
+    assert schedule_lines({k: v for k, v in totals.items() if k != BETWEEN}) == []
