@@ -382,6 +382,10 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
         adahessian(20, ch_lr, ch_grid, block_size=32, hessian_warmup=5, stale_guard=True,
                    stale_guard_reference="average", clip_hessian=True, hessian_estimator="finite_difference",
                    note="the 15-step warm-up's lr"),
+        # ... or 15 warm-up steps with a Hessian on every third: 5 warm-up estimates spread over the 15 steps.
+        adahessian(20, ch_lr, ch_grid, block_size=32, hessian_warmup=15, hessian_warmup_interval=3, stale_guard=True,
+                   stale_guard_reference="average", clip_hessian=True, hessian_estimator="finite_difference",
+                   note="the 15-step warm-up's lr"),
         *(with_beta2(clipped, beta2, note="the row at β2 0.999's lr") for beta2 in (0.95, 0.9)),
         torch_optimizer_adahessian(lr, grid),
         pytorch_optimizer_adahessian(lr, grid),
