@@ -73,7 +73,7 @@ def test_the_canonical_layout_keeps_the_specials_pieces_and_scores():
     after = _vocab(tok)
     assert [p for p, _ in after[:3]] == SPECIALS
     assert {p for p, _ in after} == set(before)
-    assert all(abs(s - before[p]) <= 1e-9 for p, s in after)
+    assert all(abs(s - before[p]) <= 5e-7 for p, s in after)
     body = after[3:]
     assert body == sorted(body, key=lambda e: (-e[1], e[0]))
     assert json.loads(tok.to_str())["model"]["unk_id"] == 2
@@ -103,8 +103,8 @@ def test_the_characters_ladder_goes_to_them_in_character_order():
     scores = dict(layouts[0])
     characters = sorted(["Ü", "8", "&", "„"])
     assert [scores[c] for c in characters] == sorted((scores[c] for c in characters), reverse=True)
-    assert scores[characters[-1]] == pytest.approx(low, abs=1e-9)
-    assert scores["e"] == -4.25 and scores["xy"] == pytest.approx(low + 2 * LADDER_STEP, abs=1e-9)
+    assert scores[characters[-1]] == pytest.approx(low, abs=1e-6)
+    assert scores["e"] == -4.25 and scores["xy"] == pytest.approx(low + 2 * LADDER_STEP, abs=1e-6)
 
 
 def test_the_model_folders_seq2seq_tokenizer_is_the_same_every_build():

@@ -23,9 +23,10 @@ from tokenizers import models as tokenizer_models
 
 __all__ = ["canonical_unigram", "SCORE_DECIMALS", "LADDER_STEP"]
 
-# Scores are log-probabilities of order -1 to -20: rounded to 1e-9, the last-bit differences
-# (about 1e-14) fall on one side of a rounding boundary but with odds of about 1e-5 a piece.
-SCORE_DECIMALS = 9
+# Scores are log-probabilities of order -1 to -20, their last-bit differences about 2e-15: rounded
+# to 1e-6 they straddle a rounding boundary with odds of about 2e-9 a piece (1e-5 for a model of
+# 8,000), and scores 1e-6 apart are pieces whose counts differ by a millionth, which may tie.
+SCORE_DECIMALS = 6
 # The trainer's step between the scores it gives characters no kept piece covers.
 LADDER_STEP = 1e-4
 
@@ -39,7 +40,7 @@ def _ladder(scores: dict[str, float]) -> list[str]:
     multiset of scores handed back is the same.
     """
     low = min(scores.values())
-    tolerance = 10.0 ** -(SCORE_DECIMALS - 2)
+    tolerance = 2 * 10.0**-SCORE_DECIMALS  # the two ends of a step, each rounded
     characters = {piece: score for piece, score in scores.items() if len(piece) == 1}
     picked = []
     for piece, score in characters.items():
