@@ -895,17 +895,27 @@ def adahessian(
                  and fusable(params[i], exp_avgs[i], exp_hessian_diag_sqs[i])]
         if plain:
             fused_plain_update_(
-                *([xs[i] for i in plain] for xs in (params, grads, exp_avgs, exp_hessian_diag_sqs, steps)),
+                *_subsets((params, grads, exp_avgs, exp_hessian_diag_sqs, steps), plain),
                 [_tensor_factor(hessian_steps[i], beta2, 1.0, denominator_scales[i]) for i in plain],
                 lr=lr, beta1=beta1, eps=eps, weight_decay=weight_decay)
-            rest = sorted(set(range(len(params))) - set(plain))
             (params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
-             hessian_steps, denominator_scales) = ([xs[i] for i in rest] for xs in lists)
+             hessian_steps, denominator_scales) = _subsets(lists, _others(len(params), plain))
     fn = _multi_tensor_adahessian if foreach else _single_tensor_adahessian
     fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
        hessian_steps, denominator_scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
        hessian_power=hessian_power, update_clip=update_clip, min_row_estimates=min_row_estimates,
        beta2_now=beta2 if v_weight == 1 else beta2**v_weight, d_scale=estimate_scale)
+
+
+def _subsets(lists, indices: list[int]) -> list[list]:
+    """Each of the parallel ``lists`` restricted to ``indices``, in order."""
+    return [[xs[i] for i in indices] for xs in lists]
+
+
+def _others(n: int, indices: list[int]) -> list[int]:
+    """The indices below ``n`` not in ``indices``, in order."""
+    taken = set(indices)
+    return [i for i in range(n) if i not in taken]
 
 
 def _power_(v: torch.Tensor, hessian_power: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -1051,15 +1061,13 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row
     # they take the for-loop; the rest go through the foreach kernels.
     uneven = [i for i in range(len(params)) if rows_seen[i] is not None or row_counts[i] is not None]
     if uneven:
-        pick = lambda xs: [xs[i] for i in uneven]  # noqa: E731
-        _single_tensor_adahessian(*(pick(xs) for xs in (params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts,
-                                                        steps, hsteps, scales)),
+        _single_tensor_adahessian(*_subsets((params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts,
+                                             steps, hsteps, scales), uneven),
                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                                   hessian_power=hessian_power, update_clip=update_clip,
                                   min_row_estimates=min_row_estimates, beta2_now=beta2_now, d_scale=d_scale)
-        even = [i for i in range(len(params)) if i not in set(uneven)]
-        params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales = (
-            [xs[i] for i in even] for xs in (params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales))
+        params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales = _subsets(
+            (params, grads, exp_avgs, exp_hs, ds, steps, hsteps, scales), _others(len(params), uneven))
     if not params:
         return
     grads32 = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
