@@ -64,6 +64,18 @@ def profile_parser(module: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def schedule_cost_parser(module: str, description: str, tasks) -> argparse.ArgumentParser:
+    """The options of the schedules' cost profile: which tasks, how many rounds."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, "one round on each task, written to a temporary folder")
+    p.add_argument("--task", choices=sorted(tasks), action="append",
+                   help="the task whose model and recipe are timed (repeatable; default: every task)")
+    p.add_argument("--repeats", type=positive_int, help="measured rounds (default: 31; quick 1)")
+    p.add_argument("--warmup", type=int, help="rounds left out (default: 3; quick 0)")
+    return p
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

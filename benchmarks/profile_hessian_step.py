@@ -47,11 +47,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from . import specs
 from .minilm import BATCH_SIZE, MAX_LENGTH, minilm_for_training, setup
 from .options import output_dir, profile_parser
+from .schedule_cost import hessian_steps, weighted_step
 from .report import fmt, markdown_table, provenance, write_report
 from .steps import (
     PhaseTimer,
@@ -61,6 +61,7 @@ from .steps import (
     exact_hessian_step,
     fd_sub_batch_hessian_step,
     finite_difference_hessian_step,
+    measure,
 )
 
 MODULE = "benchmarks.profile_hessian_step"  # how it is run: python -m MODULE
@@ -131,29 +132,6 @@ def step_kinds(batch: dict, estimators: list[str], fd_scheme: str, peers: bool) 
     return kinds, sum(t.numel() for t in params)
 
 
-def measure(kinds: dict, warmup: int, repeats: int) -> tuple[dict, dict, float]:
-    """Interleaved rounds; per kind and phase the median, min and first-round seconds."""
-    rounds = {k: [] for k in kinds}
-    start = time.perf_counter()
-    for i in range(warmup + repeats):
-        for kind, fn in kinds.items():
-            timer = PhaseTimer()
-            fn(timer)
-            t = dict(timer.seconds)
-            t["total"] = sum(t.values())
-            rounds[kind].append(t)
-        print(f"round {i + 1}/{warmup + repeats}: " + ", ".join(
-            f"{k} {rounds[k][-1]['total']:.3f}s" for k in kinds), flush=True)
-    measure_s = time.perf_counter() - start
-    summary = {}
-    for kind, rs in rounds.items():
-        measured = rs[warmup:]
-        summary[kind] = {phase: {"median_s": statistics.median(r[phase] for r in measured),
-                                 "min_s": min(r[phase] for r in measured), "first_round_s": rs[0][phase]}
-                         for phase in rs[0]}
-    return summary, rounds, measure_s
-
-
 def top_operators(fn, steps: int, top: int) -> dict:
     """``steps`` Hessian steps, one ``torch.profiler`` each; per operator the median self CPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -181,16 +159,6 @@ def top_operators(fn, steps: int, top: int) -> dict:
             "step_timers": timers, "top_ops": sorted(ops, key=lambda o: o["self_cpu_ms"], reverse=True)[:top]}
 
 
-def hessian_steps(interval: int, warmup: int, warmup_interval: int = 1, steps: int = SCHEDULE_STEPS) -> int:
-    """How many of ``steps`` optimizer steps take a Hessian under AdaHessian's own schedule."""
-    from hf_adahessian import AdaHessian
-    import torch
-
-    rule = AdaHessian([torch.zeros(1, requires_grad=True)], hessian_interval=interval, hessian_warmup=warmup,
-                      hessian_warmup_interval=warmup_interval)
-    return sum(rule._is_hessian_index(step) for step in range(steps))
-
-
 def schedule_lines(totals: dict) -> list[str]:
     """Each schedule's time per step, weighted from the medians, over each AdamW's step."""
     hessian = totals.get(HESSIAN_STEP["finite_difference"])
@@ -198,8 +166,8 @@ def schedule_lines(totals: dict) -> list[str]:
         return []
     lines = []
     for name, schedule in SCHEDULES.items():
-        h = hessian_steps(*schedule)
-        per_step = ((SCHEDULE_STEPS - h) * totals[BETWEEN] + h * hessian) / SCHEDULE_STEPS
+        h = hessian_steps(*schedule, steps=SCHEDULE_STEPS)
+        per_step = weighted_step(h, SCHEDULE_STEPS, totals[BETWEEN], hessian)
         lines.append(f"{name}, {h} of {SCHEDULE_STEPS} steps with a Hessian: {per_step:.3f} s/step, "
                      f"{per_step / totals['adamw step']:.2f}× the AdamW step, "
                      f"{per_step / totals[FUSED_ADAMW]:.2f}× the fused AdamW step")

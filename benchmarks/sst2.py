@@ -121,11 +121,12 @@ OPTIMIZERS = specs.registry(
     *(specs.adahessian(20, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, n_samples=n,
                        note="the recipe's lr") for n in (1, 4)),
     # LoRA (r 8 on query and value, the head trained in full): the time and memory of a Hessian through a
-    # frozen base. Adapters take larger steps than full fine-tuning; AdamW's 1e-3 is the usual LoRA value.
-    specs.lora(specs.adamw(1e-4, ()), 1e-3, (3e-4, 1e-3, 3e-3), note="lr not searched: the usual LoRA value"),
+    # frozen base. Adapters take larger steps than full fine-tuning: AdamW's 3e-3 and the 1/16 row's 0.3 are
+    # their own searches' (results/sst2/lora_lr_search*/).
+    specs.lora(specs.adamw(1e-4, ()), 3e-3, (3e-4, 1e-3, 3e-3, 1e-2)),
     specs.lora(specs.adahessian(1, 3e-2, ()), 3e-2, HESSIAN_GRID, note="lr not searched: adahessian_h1's"),
     specs.lora(specs.adahessian(1, 3e-2, (), hessian_batch_fraction=0.0625, hessian_estimator="finite_difference"),
-               3e-2, HESSIAN_GRID, note="lr not searched: adahessian_h1's"),
+               0.3, (0.1, 0.3, 1.0)),
     specs.torch_optimizer_adahessian(0.15, POWER_GRID),
     specs.pytorch_optimizer_adahessian(3e-2, (3e-3, 1e-2, 3e-2, 0.1)),
     specs.sophiah(1, 1e-2, (3e-3, 1e-2, 3e-2)),

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
+import statistics
 import time
 from typing import Callable, ContextManager
 
@@ -61,6 +63,34 @@ class PhaseTimer:
                 yield
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def measure(kinds: dict, warmup: int, repeats: int, shuffle: bool = False) -> tuple[dict, dict, float]:
+    """Interleaved rounds, one step of each kind a round; per kind and phase the median, min and first-round
+    seconds.  ``shuffle``: each round in its own random order (seeded by the round), so that no kind always
+    follows the same one (the Hessian step's memory churn, say) into the next."""
+    rounds = {k: [] for k in kinds}
+    start = time.perf_counter()
+    for i in range(warmup + repeats):
+        order = list(kinds)
+        if shuffle:
+            random.Random(i).shuffle(order)
+        for kind in order:
+            timer = PhaseTimer()
+            kinds[kind](timer)
+            t = dict(timer.seconds)
+            t["total"] = sum(t.values())
+            rounds[kind].append(t)
+        print(f"round {i + 1}/{warmup + repeats}: " + ", ".join(
+            f"{k} {rounds[k][-1]['total']:.3f}s" for k in kinds), flush=True)
+    measure_s = time.perf_counter() - start
+    summary = {}
+    for kind, rs in rounds.items():
+        measured = rs[warmup:]
+        summary[kind] = {phase: {"median_s": statistics.median(r[phase] for r in measured),
+                                 "min_s": min(r[phase] for r in measured), "first_round_s": rs[0][phase]}
+                         for phase in rs[0]}
+    return summary, rounds, measure_s
 
 
 def finish_step(optimizer, params, phase: Phase, update: str = "update", max_grad_norm: float = MAX_GRAD_NORM):

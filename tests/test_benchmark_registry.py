@@ -1,8 +1,14 @@
 """The benchmarks' optimizer registries: what each row compares at."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from benchmarks import lm, multi30k, sst2
+from hf_adahessian.arguments import parse_optim_args
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.mark.parametrize("task", [sst2, multi30k, lm], ids=lambda m: m.NAME)
@@ -48,3 +54,36 @@ def test_the_fused_adamw_row_is_the_baseline_with_only_the_trainers_optim_change
     fused, base = rows["adamw_torch_fused"], rows["adamw_torch"]
     assert (fused.lr, fused.grid, fused.path) == (base.lr, base.grid, base.path)
     assert fused.script_args() == [a.replace("adamw_torch", "adamw_torch_fused") for a in base.script_args()]
+
+
+# Each of the README's recipes and the registry row whose runs its figures are: `python -m benchmarks.<task>
+# --optimizers <row>` runs the recipe as the README gives it, with no --lr or --optim_args to add.
+RECIPE_ROWS = {
+    "fine-tuning a pretrained BERT": (sst2, "adahessian_h1"),
+    "fine-tuning at about AdamW's price": (sst2, "adahessian_h20_fd_w15_i3_sg_sga_ch"),
+    "training a transformer from scratch": (multi30k, "adahessian_h1_b32"),
+    "from scratch at about AdamW's price": (multi30k, "adahessian_h20_b32_fd_w15_i3_sg_sga_ch"),
+    "a causal LM (GPT-2) from scratch": (lm, "adahessian_h1_b32"),
+    "LoRA adapters on a pretrained BERT": (sst2, "adahessian_h1_f6_fd_lora"),
+}
+
+
+def _readme_recipes() -> dict[str, tuple[float, str]]:
+    """setting -> (learning rate, the first `--optim_args` span of its row) from the README's recipe table."""
+    section = README.read_text().split("### Recipes", 1)[1].split("\n#", 1)[0]
+    recipes = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) >= 3 and cells[0] != "setting" and not set(cells[0]) <= {"-"}:
+            recipes[cells[0]] = (float(cells[1]), re.search(r"`([^`]*)`", cells[2]).group(1))
+    return recipes
+
+
+def test_every_readme_recipe_is_a_benchmark_row_at_the_same_learning_rate_and_settings():
+    recipes = _readme_recipes()
+    assert set(recipes) == set(RECIPE_ROWS), "a new recipe names the benchmark row that measured it here"
+    for setting, (lr, optim_args) in recipes.items():
+        task, row = RECIPE_ROWS[setting]
+        spec = task.OPTIMIZERS[row]
+        measured = ",".join(f"{key}={value}" for key, value in spec.optim_args.items())
+        assert (lr, parse_optim_args(optim_args)) == (spec.lr, parse_optim_args(measured)), setting

@@ -143,7 +143,8 @@ def test_a_saved_comparison_renders_again_with_the_current_statistics(tmp_path, 
 def test_the_profiles_schedules_weigh_the_medians_by_the_optimizers_own_schedule():
     """The recipe takes 22 of 150 steps with a Hessian (15 dense, then 15, 35, …, 135); 5 dense steps 13; every
     third of the 15 warm-up steps 12. A run's time per step is those shares of the two steps' medians."""
-    from benchmarks.profile_hessian_step import BETWEEN, FUSED_ADAMW, HESSIAN_STEP, hessian_steps, schedule_lines
+    from benchmarks.profile_hessian_step import BETWEEN, FUSED_ADAMW, HESSIAN_STEP, schedule_lines
+    from benchmarks.schedule_cost import hessian_steps
 
     assert [hessian_steps(20, 15), hessian_steps(20, 5), hessian_steps(20, 15, 3)] == [22, 13, 12]
     totals = {"adamw step": 0.5, FUSED_ADAMW: 0.4, BETWEEN: 0.4, HESSIAN_STEP["finite_difference"]: 1.0}
@@ -152,3 +153,19 @@ def test_the_profiles_schedules_weigh_the_medians_by_the_optimizers_own_schedule
     assert f"{per_step:.3f} s/step" in recipe
     assert f"{per_step / 0.5:.2f}× the AdamW step" in recipe and f"{per_step / 0.4:.2f}× the fused AdamW step" in recipe
     assert schedule_lines({k: v for k, v in totals.items() if k != BETWEEN}) == []
+
+
+def test_the_schedule_cost_weighs_each_tasks_rows_by_their_own_hessian_steps_in_the_tasks_budget():
+    """From scratch the budget is 800 steps: the recipe takes 15 dense + 40 lazy Hessian steps, the warm-up interval
+    5 + 40. The AdaHessian steps run under the recipe row's settings less its schedule."""
+    from benchmarks import multi30k
+    from benchmarks.schedule_cost import ADAMW, BETWEEN, HESSIAN, TASKS, recipe_kwargs, schedule_rows
+
+    task = TASKS["multi30k"]
+    rows = {r["row"]: r for r in schedule_rows(task, {ADAMW: 0.3, BETWEEN: 0.3, HESSIAN: 0.6})}
+    recipe, interval = rows["adahessian_h20_b32_fd_w15_sg_sga_ch"], rows["adahessian_h20_b32_fd_w15_i3_sg_sga_ch"]
+    assert (recipe["hessian_steps"], interval["hessian_steps"], recipe["steps"]) == (55, 45, 800)
+    assert recipe["x_fused_adamw"] == pytest.approx((745 * 0.3 + 55 * 0.6) / 800 / 0.3)
+    kwargs = recipe_kwargs(multi30k.OPTIMIZERS[task.recipe].optim_args)
+    assert kwargs["block_size"] == 32 and kwargs["clip_hessian"] and kwargs["hessian_estimator"] == "finite_difference"
+    assert not {"hessian_interval", "hessian_warmup", "hessian_warmup_interval", "hessian_chunks"} & set(kwargs)

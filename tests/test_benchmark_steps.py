@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.steps import finish_step, no_phase
+from benchmarks.steps import finish_step, measure, no_phase
 from hf_adahessian import AdaHessian
 
 
@@ -40,3 +40,26 @@ def test_another_optimizer_is_clipped_by_torch():
     finish_step(optimizer, [param], no_phase, max_grad_norm=1.0)
     torch.testing.assert_close(seen[0], torch.full((4,), 2.0 / (4.0 + 1e-6)))
     assert param.grad is None
+
+
+def test_interleaved_rounds_in_shuffled_order_time_every_kind_once_a_round_in_changing_order():
+    order = []
+
+    def kind(name, seconds):
+        def step(phase):
+            order.append(name)
+            with phase("update"):
+                pass
+            phase_seconds[name].append(seconds)
+        return step
+
+    phase_seconds = {"a": [], "b": [], "c": []}
+    kinds = {name: kind(name, 0.0) for name in "abc"}
+    summary, rounds, _ = measure(kinds, warmup=1, repeats=5, shuffle=True)
+    per_round = [order[i:i + 3] for i in range(0, len(order), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in per_round) and len(per_round) == 6
+    assert len({tuple(r) for r in per_round}) > 1, "the order changes from round to round"
+    assert all(len(rounds[k]) == 6 for k in kinds) and set(summary["a"]) == {"update", "total"}
+    order.clear()
+    measure(kinds, warmup=0, repeats=2)
+    assert order == ["a", "b", "c"] * 2, "unshuffled rounds keep the kinds' order"
