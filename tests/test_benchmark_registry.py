@@ -62,7 +62,7 @@ RECIPE_ROWS = {
     "fine-tuning a pretrained BERT": (sst2, "adahessian_h1"),
     "fine-tuning at about AdamW's price": (sst2, "adahessian_h20_fd_w15_i3_sg_sga_ch"),
     "training a transformer from scratch": (multi30k, "adahessian_h1_b32"),
-    "from scratch at about AdamW's price": (multi30k, "adahessian_h20_b32_fd_w15_i3_sg_sga_ch"),
+    "from scratch at about AdamW's price": (multi30k, "adahessian_h20_b32_fd_w15_sg_sga_ch"),
     "a causal LM (GPT-2) from scratch": (lm, "adahessian_h1_b32"),
     "LoRA adapters on a pretrained BERT": (sst2, "adahessian_h1_f6_fd_lora"),
 }
