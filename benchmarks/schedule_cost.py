@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import multi30k, sst2
+from .specs import TRAINER_KEYS
 from .data import require_data
 from .minilm import minilm_for_training
 from .minilm import setup as minilm_setup
@@ -37,7 +38,6 @@ HESSIAN = "AdaHessian finite-difference Hessian step"
 NEVER_AGAIN = 10**9  # an interval after which no second estimate comes
 # The schedule's own keys: the steps above set them; the rest of a row is the recipe each step runs under.
 SCHEDULE_KEYS = ("hessian_interval", "hessian_warmup", "hessian_warmup_interval")
-TRAINER_KEYS = ("hessian_batch_fraction", "hessian_chunks")
 
 
 @dataclass(frozen=True)
