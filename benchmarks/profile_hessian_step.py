@@ -37,7 +37,7 @@ peer packages' Hessian steps (``backward(create_graph=True)`` under ``double_bac
 then their ``step()``). Each is measured ``--repeats`` times after ``--warmup`` rounds and the
 medians are reported (the first, cold, round is kept in the JSON). A ``torch.profiler`` trace of
 ``--profile_steps`` Hessian steps per estimator then gives the top operators by self CPU time.
-From the medians, a run's time per step under the recipes' schedules (``SCHEDULES``: the
+From the medians, a run's time per step under the SST-2 schedules that ``schedule_cost`` weighs (the
 finite-difference Hessian step in the share of the SST-2 benchmark's 150 steps that takes one, the
 step under the stale guard in the rest) over each AdamW step: the time target's ratio without the
 minutes between two comparison runs in it.
@@ -51,7 +51,8 @@ import statistics
 from . import specs
 from .minilm import BATCH_SIZE, MAX_LENGTH, minilm_for_training, setup
 from .options import output_dir, profile_parser
-from .schedule_cost import hessian_steps, weighted_step
+from . import schedule_cost as cost
+from .schedule_cost import TASKS, schedule_rows
 from .report import fmt, markdown_table, provenance, write_report
 from .steps import (
     PhaseTimer,
@@ -76,13 +77,7 @@ GUARDS = {"": {}, ", stale guard (last)": {"stale_guard": True},
 HESSIAN_STEP = {"exact": "adahessian exact Hessian step", "finite_difference": "adahessian finite-difference Hessian step"}
 HESSIAN_FN = {"exact": exact_hessian_step, "finite_difference": finite_difference_hessian_step}
 FUSED_ADAMW = "adamw step (fused)"
-# A run's time per step from the interleaved medians: the finite-difference Hessian step and the step
-# between two estimates under the stale guard (average), in the share of the SST-2 benchmark's 150 steps
-# that each schedule gives them: (hessian_interval, hessian_warmup, hessian_warmup_interval).
-SCHEDULES = {"interval 20 after 15 dense steps (the recipe)": (20, 15, 1),
-             "interval 20 after 5 dense steps": (20, 5, 1),
-             "interval 20 after 15 steps with a Hessian on every third": (20, 15, 3)}
-SCHEDULE_STEPS = 150
+# The step between two estimates that the schedules weigh against the finite-difference Hessian step.
 BETWEEN = "adahessian step without Hessian, stale guard (average)"
 PEERS = (specs.torch_optimizer_adahessian(1e-3, ()), specs.pytorch_optimizer_adahessian(1e-3, ()),
          specs.sophiah(1, 1e-3, ()))
@@ -160,18 +155,16 @@ def top_operators(fn, steps: int, top: int) -> dict:
 
 
 def schedule_lines(totals: dict) -> list[str]:
-    """Each schedule's time per step, weighted from the medians, over each AdamW's step."""
+    """Each SST-2 schedule's time per step (``schedule_cost``'s rows), weighted from the medians, over each
+    AdamW's step."""
     hessian = totals.get(HESSIAN_STEP["finite_difference"])
     if hessian is None or BETWEEN not in totals:
         return []
-    lines = []
-    for name, schedule in SCHEDULES.items():
-        h = hessian_steps(*schedule, steps=SCHEDULE_STEPS)
-        per_step = weighted_step(h, SCHEDULE_STEPS, totals[BETWEEN], hessian)
-        lines.append(f"{name}, {h} of {SCHEDULE_STEPS} steps with a Hessian: {per_step:.3f} s/step, "
-                     f"{per_step / totals['adamw step']:.2f}× the AdamW step, "
-                     f"{per_step / totals[FUSED_ADAMW]:.2f}× the fused AdamW step")
-    return lines
+    rows = schedule_rows(TASKS["sst2"], {cost.ADAMW: totals[FUSED_ADAMW], cost.BETWEEN: totals[BETWEEN],
+                                         cost.HESSIAN: hessian})
+    return [f"{r['row']}, {r['hessian_steps']} of {r['steps']} steps with a Hessian: {r['s_per_step']:.3f} s/step, "
+            f"{r['s_per_step'] / totals['adamw step']:.2f}× the AdamW step, "
+            f"{r['x_fused_adamw']:.2f}× the fused AdamW step" for r in rows]
 
 
 def main() -> None:

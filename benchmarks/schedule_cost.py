@@ -40,21 +40,52 @@ NEVER_AGAIN = 10**9  # an interval after which no second estimate comes
 SCHEDULE_KEYS = ("hessian_interval", "hessian_warmup", "hessian_warmup_interval")
 
 
+def minilm_setup_for(threads: int, data_dir, out_dir) -> tuple[dict, Callable]:
+    """The step profiles' MiniLM batch (16 SST-2 sentences) and model."""
+    return minilm_setup(threads, data_dir), minilm_for_training
+
+
+def marian_setup(threads: int, data_dir, out_dir) -> tuple[dict, Callable]:
+    """The Multi30k benchmark's model folder (built as its comparison builds it) and 32 training pairs."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from .machine import child_env
+
+    torch.set_num_threads(threads)
+    train = require_data(data_dir, "multi30k") / "train.jsonl"
+    folder, _, _ = build_model(out_dir, child_env(threads), "marian", train)
+    with open(train, encoding="utf-8") as f:
+        pairs = [json.loads(line)["translation"] for line, _ in zip(f, range(multi30k.BATCH_SIZE))]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = dict(tokenizer([p["de"] for p in pairs], text_target=[p["en"] for p in pairs], max_length=64,
+                           truncation=True, padding=True, return_tensors="pt"))
+    batch["labels"] = batch["labels"].masked_fill(batch["labels"] == tokenizer.pad_token_id, -100)
+
+    def model():
+        m = AutoModelForSeq2SeqLM.from_pretrained(folder)
+        m.train()
+        return m, [p for p in m.parameters() if p.requires_grad]
+
+    return batch, model
+
+
 @dataclass(frozen=True)
 class Task:
     registry: dict
     steps: int  # the full budget's optimizer steps
     recipe: str  # the row whose settings the AdaHessian steps take
     schedules: tuple[str, ...]  # rows whose schedules are weighted
+    setup: Callable  # (threads, data_dir, out_dir) -> (batch, a function making (model, its parameters))
 
 
 TASKS = {
     "sst2": Task(sst2.OPTIMIZERS, sst2.BUDGETS.full.max_steps, "adahessian_h20_fd_w15_sg_sga_ch",
                  ("adahessian_h20_fd_w15_sg_sga_ch", "adahessian_h20_fd_w5_sg_sga_ch",
-                  "adahessian_h20_fd_w15_i3_sg_sga_ch")),
+                  "adahessian_h20_fd_w15_i3_sg_sga_ch"), minilm_setup_for),
     "multi30k": Task(multi30k.OPTIMIZERS, multi30k.BUDGETS.full.max_steps, "adahessian_h20_b32_fd_w15_sg_sga_ch",
                      ("adahessian_h20_b32_fd_w15_sg_sga_ch", "adahessian_h20_b32_fd_w5_sg_sga_ch",
-                      "adahessian_h20_b32_fd_w15_i3_sg_sga_ch")),
+                      "adahessian_h20_b32_fd_w15_i3_sg_sga_ch"), marian_setup),
 }
 
 
@@ -91,31 +122,6 @@ def schedule_rows(task: Task, totals: dict) -> list[dict]:
     return rows
 
 
-def marian_setup(threads: int, data_dir, out_dir) -> tuple[dict, Callable]:
-    """The Multi30k benchmark's model folder (built as its comparison builds it) and 32 training pairs."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from .machine import child_env
-
-    torch.set_num_threads(threads)
-    train = require_data(data_dir, "multi30k") / "train.jsonl"
-    folder, _, _ = build_model(out_dir, child_env(threads), "marian", train)
-    with open(train, encoding="utf-8") as f:
-        pairs = [json.loads(line)["translation"] for line, _ in zip(f, range(multi30k.BATCH_SIZE))]
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    batch = dict(tokenizer([p["de"] for p in pairs], text_target=[p["en"] for p in pairs], max_length=64,
-                           truncation=True, padding=True, return_tensors="pt"))
-    batch["labels"] = batch["labels"].masked_fill(batch["labels"] == tokenizer.pad_token_id, -100)
-
-    def model():
-        m = AutoModelForSeq2SeqLM.from_pretrained(folder)
-        m.train()
-        return m, [p for p in m.parameters() if p.requires_grad]
-
-    return batch, model
-
-
 def step_kinds(batch: dict, model, recipe: dict) -> dict:
     """{kind: one step of it}: the fused AdamW, and AdaHessian under ``recipe`` between estimates and on one."""
     import torch
@@ -146,10 +152,7 @@ def main() -> None:
     for name in args.task or sorted(TASKS):
         task = TASKS[name]
         recipe = recipe_kwargs(task.registry[task.recipe].optim_args)
-        if name == "sst2":
-            batch, model = minilm_setup(args.threads, args.data_dir), minilm_for_training
-        else:
-            batch, model = marian_setup(args.threads, args.data_dir, out)
+        batch, model = task.setup(args.threads, args.data_dir, out)
         summary, rounds, measure_s = measure(step_kinds(batch, model, recipe), warmup, repeats, shuffle=True)
         totals = {kind: phases["total"]["median_s"] for kind, phases in summary.items()}
         schedules = schedule_rows(task, totals)
