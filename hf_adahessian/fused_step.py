@@ -28,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HOLDING_BETA2", "fused_kernel_holds_v", "fusable", "fused_plain_update_"]
+__all__ = ["HOLDING_BETA2", "fused_kernel_holds_v", "fusable", "fused_plain_update_", "fused_row_update_"]
 
 HOLDING_BETA2 = 1.0 - 2.0**-53
 
@@ -94,3 +94,12 @@ def fused_plain_update_(params, grads, exp_avgs, exp_hs, steps, factors, *, lr, 
         pick = lambda xs: [xs[i] for i in members]  # noqa: E731
         _fused_call(pick(params), pick(grads), pick(exp_avgs), pick(exp_hs), step, lr=lr, beta1=beta1, eps=eps,
                     weight_decay=weight_decay, factor=factor)
+
+
+def fused_row_update_(param, grad, exp_avg, step: int, parts, *, lr, beta1, eps, weight_decay) -> None:
+    """The update of a tensor whose denominator varies by row (its rows' own bias corrections, floor and
+    stale-guard scales), a slice of whole rows at a time: ``parts`` yields (rows, w), w the slice's
+    (scale·√v̂)², which the kernel reads for v with c = 1 and may change (a scratch, not the state)."""
+    for rows, w in parts:
+        _fused_call([param[rows]], [grad[rows]], [exp_avg[rows]], [w], step, lr=lr, beta1=beta1, eps=eps,
+                    weight_decay=weight_decay, factor=1.0)

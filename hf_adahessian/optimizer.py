@@ -37,10 +37,11 @@ from typing import Callable, Iterable, Literal, NamedTuple
 
 import torch
 from torch.optim.optimizer import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .estimate import HessianEstimate, hessian_diagonal_
 from .estimators import FD_STEP, closure_difference
-from .fused_step import fusable, fused_kernel_holds_v, fused_plain_update_
+from .fused_step import fusable, fused_kernel_holds_v, fused_plain_update_, fused_row_update_
 from .probes import is_dtensor
 from .validation import HyperparameterError, check_group_hyperparameters, check_optimizer_hyperparameters
 
@@ -898,8 +899,20 @@ def adahessian(
                 *_subsets((params, grads, exp_avgs, exp_hessian_diag_sqs, steps), plain),
                 [_tensor_factor(hessian_steps[i], beta2, 1.0, denominator_scales[i]) for i in plain],
                 lr=lr, beta1=beta1, eps=eps, weight_decay=weight_decay)
+        # Rows counted apart (an embedding under partial coverage), or a stale guard per row: the kernel
+        # takes each slice of rows with its own denominator made into the v it reads.
+        taken = set(plain)
+        rowwise = [i for i in range(len(params))
+                   if hessian_diags[i] is None and hessian_steps[i] > 0 and i not in taken
+                   and fusable(params[i], exp_avgs[i], exp_hessian_diag_sqs[i])]
+        for i in rowwise:
+            fused_row_update_(params[i], grads[i], exp_avgs[i], steps[i],
+                              _squared_denominators(exp_hessian_diag_sqs[i], hessian_steps[i], row_counts[i], beta2,
+                                                    denominator_scales[i], min_row_estimates),
+                              lr=lr, beta1=beta1, eps=eps, weight_decay=weight_decay)
+        if plain or rowwise:
             (params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
-             hessian_steps, denominator_scales) = _subsets(lists, _others(len(params), plain))
+             hessian_steps, denominator_scales) = _subsets(lists, _others(len(params), plain + rowwise))
     fn = _multi_tensor_adahessian if foreach else _single_tensor_adahessian
     fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
        hessian_steps, denominator_scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -971,6 +984,56 @@ def _row_slices(v: torch.Tensor) -> list:
     return [slice(start, start + rows) for start in range(0, v.shape[0], rows)]
 
 
+def _row_terms(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2: float, hessian_power: float,
+               scale: float | torch.Tensor, min_row_estimates: int):
+    """(factors, floor) of a tensor whose rows differ: scale·(√v̂)^k is factors·(√max(v, floor))^k per row.
+
+    factors: each row's bias correction (1 for rows never seen, whose v is 0 and whose place the floor
+    takes) and its stale-guard scale, a vector (a number where neither varies by row).  floor: None, or
+    per row 0 or the mean v̂ of the rows seen in v's units (times the row's correction), for rows with
+    fewer than ``min_row_estimates`` estimates.
+    """
+    correction = None if row_counts is None else row_counts.correction
+    factors = (scale * (1 - beta2**s) ** (-hessian_power / 2) if correction is None
+               else correction.pow(-hessian_power / 2).mul_(scale))
+    if row_counts is None or v.dim() == 0 or hessian_power == 0.0:
+        return factors, None
+    floored = row_counts.steps < max(min_row_estimates, 1)
+    # A sharded (FSDP2) tensor's reductions are completed across the shards (_whole), so that every
+    # rank takes the same branch and the same fallback.
+    if not bool(_whole(floored.any())):
+        return factors, None
+    # max(v̂, fallback) is max(v, fallback·correction)/correction, and the floor goes in before the
+    # power: a row never seen has v = 0, which the fallback replaces exactly, and the square root
+    # of zeros is several times slower on CPU than of the numbers that replace them.
+    return factors, torch.where(floored, correction * _seen_rows_mean(v, row_counts, beta2), 0.0)
+
+
+# v's mean v̂ over the rows seen changes only when v or the counts do, on Hessian steps: each step between
+# them would read all of v again (an embedding's 47 MB on MiniLM) for the same number.  Keyed by v (weakly,
+# so an entry goes with its tensor) and checked against v's and the counts' version counters, which every
+# in-place write advances.
+_SEEN_ROWS_MEANS = WeakIdKeyDictionary()
+
+
+def _seen_rows_mean(v: torch.Tensor, row_counts: _RowCounts, beta2: float) -> float:
+    """The mean v̂ of the rows some estimate has seen: what a row never seen is divided by."""
+    key = (v._version, row_counts.steps._version, beta2)
+    memo = None if is_dtensor(v) else _SEEN_ROWS_MEANS.get(v)
+    if memo is not None and memo[0] == key and memo[1]() is row_counts.steps:
+        return memo[2]
+    # Masks rather than indexing, so that a sharded tensor reduces across its shards; the mean is a host
+    # scalar, as the coverage test already is.  A row's mean v̂ is its sum of v over its correction: one
+    # read of v, no v̂ made for it.
+    row_sums = v.reshape(v.shape[0], -1).sum(dim=1).div_(row_counts.correction)
+    seen = row_counts.steps > 0
+    row_width = v.numel() // v.shape[0]
+    mean = float(_whole(torch.where(seen, row_sums, 0.0).sum())) / (float(_whole(seen.sum())) * row_width)
+    if not is_dtensor(v):
+        _SEEN_ROWS_MEANS[v] = (key, weakref.ref(row_counts.steps), mean)
+    return mean
+
+
 def _denominators(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2: float, hessian_power: float,
                   eps: float, scale: float | torch.Tensor = 1.0, min_row_estimates: int = 1):
     """(rows, d, c) over v's row slices, with c·d = scale·(√v̂)^k + eps on those rows, v̂ bias-corrected per
@@ -984,40 +1047,18 @@ def _denominators(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2:
     """
     slices = _row_slices(v)
     scratch = None if len(slices) == 1 else torch.empty_like(v[slices[0]])
-    row_scale = isinstance(scale, torch.Tensor) and scale.dim() > 0
 
     def out_for(part):
         return None if scratch is None else scratch[: part.shape[0]]
 
-    if row_counts is None and not row_scale:
+    if row_counts is None and not _varies_by_row(scale):
         c = _tensor_factor(s, beta2, hessian_power, float(scale))
         for rows in slices:
             part = v[rows]
             yield rows, _power_(part, hessian_power, out_for(part)).add_(eps / c), c
         return
 
-    # One factor per row: each row's bias correction (1 for rows never seen, whose v is 0 and whose
-    # place the floor takes) and its stale-guard scale.
-    correction = None if row_counts is None else row_counts.correction
-    factors = (scale * (1 - beta2**s) ** (-hessian_power / 2) if correction is None
-               else correction.pow(-hessian_power / 2).mul_(scale))
-    floor = None
-    # A sharded (FSDP2) tensor's reductions are completed across the shards (_whole), so that every
-    # rank takes the same branch and the same fallback.
-    if row_counts is not None and v.dim() > 0 and hessian_power != 0.0:
-        floored = row_counts.steps < max(min_row_estimates, 1)
-        if bool(_whole(floored.any())):
-            # Masks rather than indexing, so that a sharded tensor reduces across its shards; the mean
-            # is a host scalar, as the coverage test above already is.  A row's mean v̂ is its sum of v
-            # over its correction: one read of v, no v̂ made for it.
-            row_sums = v.reshape(v.shape[0], -1).sum(dim=1).div_(correction)
-            seen = row_counts.steps > 0
-            row_width = v.numel() // v.shape[0]
-            fallback = float(_whole(torch.where(seen, row_sums, 0.0).sum())) / (float(_whole(seen.sum())) * row_width)
-            # max(v̂, fallback) is max(v, fallback·correction)/correction, and the floor goes in before the
-            # power: a row never seen has v = 0, which the fallback replaces exactly, and the square root
-            # of zeros is several times slower on CPU than of the numbers that replace them.
-            floor = torch.where(floored, correction * fallback, 0.0)
+    factors, floor = _row_terms(v, s, row_counts, beta2, hessian_power, scale, min_row_estimates)
     for rows in slices:
         part = v[rows]
         if floor is None:
@@ -1027,6 +1068,27 @@ def _denominators(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2:
             d = _power_(hat, hessian_power, out=hat)
         d.mul_(_row_view(factors[rows], d) if isinstance(factors, torch.Tensor) else factors)
         yield rows, d.add_(eps), 1.0
+
+
+def _squared_denominators(v: torch.Tensor, s: int, row_counts: _RowCounts | None, beta2: float,
+                          scale: float | torch.Tensor = 1.0, min_row_estimates: int = 1):
+    """(rows, w) over v's row slices, with √w = scale·√v̂ on those rows, as ``_denominators`` makes it at power 1
+    (floor included): the second moment that torch's fused AdamW kernel takes for v (``fused_step``)."""
+    slices = _row_slices(v)
+    scratch = None if len(slices) == 1 else torch.empty_like(v[slices[0]])
+    factors, floor = _row_terms(v, s, row_counts, beta2, 1.0, scale, min_row_estimates)
+    squares = factors * factors
+    for rows in slices:
+        part = v[rows]
+        out = None if scratch is None else scratch[: part.shape[0]]
+        if floor is not None:
+            part = torch.maximum(part, _row_view(floor[rows], part), out=out)
+            out = part
+        yield rows, torch.mul(part, _row_view(squares[rows], part) if _varies_by_row(squares) else squares, out=out)
+
+
+def _varies_by_row(scale: float | torch.Tensor) -> bool:
+    return isinstance(scale, torch.Tensor) and scale.dim() > 0
 
 
 def _single_tensor_adahessian(params, grads, exp_avgs, exp_hs, ds, rows_seen, row_counts, steps, hsteps, scales, *,

@@ -1475,3 +1475,57 @@ def test_the_denominator_in_row_slices_takes_the_unsliced_step_bit_for_bit(monke
     assert len(core._row_slices(model.emb)) == (7 if slice_elements == 5 else 4)
     assert "row_hessian_steps" in opt.state[model.emb]  # the row-counted path was taken
     assert_all_equal(runs[True], runs[False], "parameters and state")
+
+
+def test_the_seen_rows_mean_is_remembered_while_v_and_the_counts_are_unchanged_and_made_again_when_either_moves():
+    """The floor's mean v̂ over the rows seen is read once per change of v or of the counts, not on every
+    step between estimates; any in-place write to either, or another tensor, makes it again."""
+    from hf_adahessian import optimizer as core
+
+    v = torch.tensor([[1.0, 3.0], [5.0, 7.0], [0.0, 0.0]])
+    counts = torch.tensor([1.0, 2.0, 0.0])
+    rows = core._RowCounts(counts, core._row_bias_correction(counts, 0.5))
+    mean = core._seen_rows_mean(v, rows, 0.5)
+    assert mean == pytest.approx((4.0 / 0.5 + 12.0 / 0.75) / 4)
+    v.data.mul_(2)  # behind the version counter's back: the remembered number comes back
+    assert core._seen_rows_mean(v, rows, 0.5) == mean
+    v.mul_(1.0)  # an in-place write, even one that changes nothing: made again, from v as it now is
+    assert core._seen_rows_mean(v, rows, 0.5) == pytest.approx(2 * mean)
+    counts.add_(torch.tensor([0.0, 0.0, 1.0]))  # row 2 seen now, its v still 0: it joins the mean
+    rows = core._RowCounts(counts, core._row_bias_correction(counts, 0.5))
+    assert core._seen_rows_mean(v, rows, 0.5) == pytest.approx(2 * mean * 4 / 6)
+    other = v.clone()  # the same values and version in another tensor: its own entry
+    assert core._seen_rows_mean(other, rows, 0.5) == core._seen_rows_mean(v, rows, 0.5)
+    # Another β2 (a group's betas changed mid-run) is another bias correction of the same counts.
+    assert core._seen_rows_mean(v, core._RowCounts(counts, core._row_bias_correction(counts, 0.9)), 0.9) \
+        == pytest.approx((8.0 / 0.1 + 24.0 / 0.19) / 6)
+
+
+@pytest.mark.parametrize("settings", [{}, {"min_row_estimates": 2, "hessian_interval": 2}],
+                         ids=["paper", "row floor, every other step"])
+def test_remembering_the_seen_rows_mean_changes_no_bit_of_a_run_resumed_midway(monkeypatch, settings):
+    """The same run with the mean made afresh on every step, and remembered, through a checkpoint loaded into
+    a new optimizer halfway: the same parameters and state, bit for bit."""
+    from hf_adahessian import optimizer as core
+
+    class Forgetful(dict):
+        def __setitem__(self, key, value):
+            pass
+
+    batches = [[0, 1], [1, 2, 5], [3], [0, 6, 6], [2, 4], [1], [5, 5], [0, 2]]
+    runs = {}
+    for remembered in (True, False):
+        if not remembered:
+            monkeypatch.setattr(core, "_SEEN_ROWS_MEANS", Forgetful())
+        model = _WideBag(torch.float32)
+        opt = AdaHessian(model.parameters(), lr=0.05, betas=(0.9, 0.9), seed=0, **settings)
+        for step, tokens in enumerate(batches):
+            if step == len(batches) // 2:
+                saved = opt.state_dict()
+                opt = AdaHessian(model.parameters(), lr=0.05, betas=(0.9, 0.9), seed=0, **settings)
+                opt.load_state_dict(saved)
+            _bag_step(model, opt, tokens, target=float(step % 2))
+        runs[remembered] = clone_params(model) + [opt.state[p][k].clone() for p in model.parameters()
+                                                  for k in ("exp_avg", "exp_hessian_diag_sq")]
+    assert "row_hessian_steps" in opt.state[model.emb]
+    assert_all_equal(runs[True], runs[False], "parameters and state")
