@@ -12,6 +12,12 @@ than half an fp32 ulp of v wherever v ≥ 2⁻²⁸·g², so v comes back bit fo
 bias correction √(1 − β2^t) is then about 2⁻²⁶·√t, and lr, eps and the weight decay are
 rescaled so that the kernel's step is the loop's to fp32 rounding.
 
+A tensor whose denominator varies by row (an embedding whose rows are counted apart: each row's
+own bias correction, the floor for rows never estimated, the stale guard's factor per row) takes the
+kernel a slice of whole rows at a time, each slice's (scale·√v̂)² made into a scratch that the kernel
+reads for v, with c = 1: a few row-sized vectors and one pass where the loop makes seven (the floor
+and the scale included).
+
 Where v < 2⁻²⁸·g² (a coordinate whose curvature is zero or nearly so) v creeps up by
 2⁻⁵³·g² a step: after t steps c·√v gains at most c·2⁻²⁶·|g|·√t, four orders of magnitude
 under eps for any gradient entry below 1.  A first call checks the kernel does all this (its

@@ -878,8 +878,8 @@ def adahessian(
     ``v_weight`` w: the steps this step's estimates stand for; v decays by β2^w and takes
     1 − β2^w of D² (``time_weighted``; 1 is the paper's EMA).  ``estimate_scale`` c: D enters v as c·D
     (``clip_hessian``: the gradient's clip factor).  ``fused`` (``None`` or True): a tensor without an
-    estimate this step, with a tensor-wide denominator, takes torch's fused AdamW kernel where it can
-    (``fused_step.py``); False: never.
+    estimate this step takes torch's fused AdamW kernel where it can (``fused_step.py``; a denominator that
+    varies by row, a slice of rows at a time); False: never.
     """
     if foreach is None:
         foreach = _default_foreach(params)
