@@ -890,29 +890,26 @@ def adahessian(
     if fused is not False and hessian_power == 1.0 and update_clip is None and fused_kernel_holds_v():
         lists = (params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
                  hessian_steps, denominator_scales)
-        plain = [i for i in range(len(params))
-                 if hessian_diags[i] is None and row_counts[i] is None and hessian_steps[i] > 0
-                 and not isinstance(denominator_scales[i], torch.Tensor)
-                 and fusable(params[i], exp_avgs[i], exp_hessian_diag_sqs[i])]
+        # Every tensor without an estimate this step: one denominator for the whole tensor takes the kernel in
+        # one call per (t, c); a denominator that varies by row (rows counted apart, a stale guard per row), a
+        # slice of rows at a time, each slice's denominator made into the v the kernel reads.
+        between = [i for i in range(len(params)) if hessian_diags[i] is None and hessian_steps[i] > 0
+                   and fusable(params[i], exp_avgs[i], exp_hessian_diag_sqs[i])]
+        plain = [i for i in between if row_counts[i] is None and not isinstance(denominator_scales[i], torch.Tensor)]
+        rowwise = [i for i in between if i not in plain]
         if plain:
             fused_plain_update_(
                 *_subsets((params, grads, exp_avgs, exp_hessian_diag_sqs, steps), plain),
                 [_tensor_factor(hessian_steps[i], beta2, 1.0, denominator_scales[i]) for i in plain],
                 lr=lr, beta1=beta1, eps=eps, weight_decay=weight_decay)
-        # Rows counted apart (an embedding under partial coverage), or a stale guard per row: the kernel
-        # takes each slice of rows with its own denominator made into the v it reads.
-        taken = set(plain)
-        rowwise = [i for i in range(len(params))
-                   if hessian_diags[i] is None and hessian_steps[i] > 0 and i not in taken
-                   and fusable(params[i], exp_avgs[i], exp_hessian_diag_sqs[i])]
         for i in rowwise:
             fused_row_update_(params[i], grads[i], exp_avgs[i], steps[i],
                               _squared_denominators(exp_hessian_diag_sqs[i], hessian_steps[i], row_counts[i], beta2,
                                                     denominator_scales[i], min_row_estimates),
                               lr=lr, beta1=beta1, eps=eps, weight_decay=weight_decay)
-        if plain or rowwise:
+        if between:
             (params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
-             hessian_steps, denominator_scales) = _subsets(lists, _others(len(params), plain + rowwise))
+             hessian_steps, denominator_scales) = _subsets(lists, _others(len(params), between))
     fn = _multi_tensor_adahessian if foreach else _single_tensor_adahessian
     fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, observed_rows, row_counts, steps,
        hessian_steps, denominator_scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
