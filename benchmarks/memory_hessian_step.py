@@ -12,6 +12,11 @@ package's own pieces put together phase by phase (``steps.py``):
 
     adamw step                                   forward, backward, clip, update, zero_grad
     adahessian exact Hessian step                forward, grad (graph), Hessian-vector, clip, update, zero_grad
+    adahessian exact Hessian step, forward over reverse
+                                                 forward (dual): a forward on θ + z·ε (forward-mode tangents);
+                                                 grad (dual): an ordinary backward, every product with its
+                                                 tangent, so g and Hz at once; Hessian-vector: Hz into the
+                                                 estimate, g into .grad; clip, update, zero_grad
     adahessian exact Hessian step, 1/4 of the batch
                                                  the Trainer's hessian_batch_fraction=0.25 path: Hessian
                                                  forward, grad (graph) and Hessian-vector on the first 4 rows
@@ -89,6 +94,8 @@ def step_kinds(batch: dict, estimators: list[str], fd_scheme: str) -> dict:
             lambda m, p, opt, phase: steps.sub_batch_hessian_step(m, batch, opt, QUARTER, phase), exact)
         kinds[f"adahessian exact Hessian step in {CHUNKS} chunks"] = (
             lambda m, p, opt, phase: steps.chunked_hessian_step(m, batch, opt, CHUNKS, phase), exact)
+        kinds["adahessian exact Hessian step, forward over reverse"] = (
+            lambda m, p, opt, phase: steps.forward_over_reverse_hessian_step(m, batch, opt, phase), exact)
     if "finite_difference" in estimators:
         fd = lambda p: AdaHessian(p, hessian_estimator="finite_difference", fd_scheme=fd_scheme, **ADAHESSIAN)  # noqa: E731
         kinds["adahessian finite-difference Hessian step"] = (

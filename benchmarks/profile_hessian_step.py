@@ -24,6 +24,8 @@ The finite-difference estimator (``hessian_estimator=finite_difference``), as th
     difference       est.finish_(): Hz ≈ (g(θ+εz) − g(θ)) / ε
     clip, update, zero_grad
 
+Beside it, the same estimate by forward over reverse (``steps.forward_over_reverse_hessian_step``: a forward
+on dual parameters, then an ordinary backward carrying the tangents), which keeps no graph of the backward.
 Beside the exact estimate in 4 chunks, the work each chunk repeats over the parameters outside
 embeddings, alone (``steps.chunk_parameter_passes``: the probes' float copy, a fresh gradient and
 Hz, their sums): the floor of a chunk's cost beyond its share of the double backward.
@@ -62,6 +64,7 @@ from .steps import (
     exact_hessian_step,
     fd_sub_batch_hessian_step,
     finite_difference_hessian_step,
+    forward_over_reverse_hessian_step,
     measure,
 )
 
@@ -77,6 +80,7 @@ GUARDS = {"": {}, ", stale guard (last)": {"stale_guard": True},
 HESSIAN_STEP = {"exact": "adahessian exact Hessian step", "finite_difference": "adahessian finite-difference Hessian step"}
 HESSIAN_FN = {"exact": exact_hessian_step, "finite_difference": finite_difference_hessian_step}
 FUSED_ADAMW = "adamw step (fused)"
+FORWARD_OVER_REVERSE = "adahessian exact Hessian step, forward over reverse"
 # The step between two estimates that the schedules weigh against the finite-difference Hessian step.
 BETWEEN = "adahessian step without Hessian, stale guard (average)"
 PEERS = (specs.torch_optimizer_adahessian(1e-3, ()), specs.pytorch_optimizer_adahessian(1e-3, ()),
@@ -105,6 +109,10 @@ def step_kinds(batch: dict, estimators: list[str], fd_scheme: str, peers: bool) 
         if estimator == "exact":
             kinds[f"{HESSIAN_STEP[estimator]} in {CHUNKS} chunks"] = (
                 lambda phase, m=m, opt=opt: chunked_hessian_step(m, batch, opt, CHUNKS, phase))
+            m, p = minilm_for_training()
+            opt = AdaHessian(p, hessian_interval=1, hessian_estimator=estimator, **ADAHESSIAN)
+            kinds[FORWARD_OVER_REVERSE] = (
+                lambda phase, m=m, opt=opt: forward_over_reverse_hessian_step(m, batch, opt, phase))
             passes, count = chunk_parameter_passes(m)
             kinds[f"one chunk's parameter passes ({count / 1e6:.1f}M parameters outside embeddings)"] = passes
         else:
@@ -200,6 +208,8 @@ def main() -> None:
     chunked = totals.get(f"{HESSIAN_STEP['exact']} in {CHUNKS} chunks")
     if ours and chunked:
         ratio_lines.append(f"exact in {CHUNKS} chunks / exact: {chunked / ours:.3f}×")
+    if ours and FORWARD_OVER_REVERSE in totals:
+        ratio_lines.append(f"exact, forward over reverse / exact: {totals[FORWARD_OVER_REVERSE] / ours:.3f}×")
     if ours:
         ratio_lines += [f"{s.name} Hessian step / ours (exact): {totals[f'{s.name} Hessian step'] / ours:.3f}×"
                         for s in PEERS if f"{s.name} Hessian step" in totals]

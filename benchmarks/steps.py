@@ -155,6 +155,50 @@ def exact_hessian_step(model, batch: dict, optimizer, phase: Phase = no_phase):
     return loss
 
 
+def forward_over_reverse_hessian_step(model, batch: dict, optimizer, phase: Phase = no_phase):
+    """The exact estimate the other way round, which the package does not take: Hz as the forward-mode
+    derivative of the gradient along z (a forward on dual parameters θ + z·ε, then an ordinary backward
+    whose every product carries its tangent), instead of the reverse-mode derivative of g·z.
+
+    Forward over reverse keeps no graph of the backward (the reason it is the usual choice for
+    Hessian-vector products elsewhere), so it is the one candidate for the exact full-batch estimate
+    in bounded memory without chunks; ``memory_hessian_step`` and ``profile_hessian_step`` measure
+    it against the pass the package takes. The probes are the optimizer's: the estimate is the
+    same to fp32 rounding (``tests/test_benchmark_steps.py``).
+    """
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    estimate = optimizer.estimate()
+    params = estimate.params
+    names = {id(p): n for n, p in model.named_parameters()}
+    with double_backward_ready(model), fwAD.dual_level():
+        primals = [p.detach().requires_grad_() for p in params]
+        with phase("forward (dual)"):
+            duals = {names[id(p)]: fwAD.make_dual(q, estimate.probe(i, dtype=p.dtype))
+                     for i, (p, q) in enumerate(zip(params, primals))}
+            loss = functional_call(model, duals, (), dict(batch)).loss
+            del duals
+        with phase("grad (dual)"):
+            grads = torch.autograd.grad(loss, primals, allow_unused=True)
+        with phase("Hessian-vector"), torch.no_grad():
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g is None:
+                    continue
+                primal, tangent = fwAD.unpack_dual(g)
+                p.grad = primal.detach()
+                if tangent is not None:
+                    estimate.add_(i, tangent.to(torch.float32))
+            estimate.made_gradients = True
+            estimate.micro_batches += 1
+            del grads
+    value = fwAD.unpack_dual(loss).primal.detach()
+    del loss, primals
+    del estimate
+    finish_step(optimizer, params, phase)
+    return value
+
+
 def count_labels(rows: dict) -> float:
     """What the Trainer counts for ``num_items_in_batch`` on a classification batch: labels not ignored."""
     return float(rows["labels"].ne(-100).sum())

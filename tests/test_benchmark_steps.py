@@ -1,8 +1,9 @@
-"""The benchmarks' plain loop clips and steps the way the Trainer does."""
+"""The benchmarks' plain loop clips and steps the way the Trainer does; their steps compute what the package does."""
 
+import pytest
 import torch
 
-from benchmarks.steps import finish_step, measure, no_phase
+from benchmarks.steps import exact_hessian_step, finish_step, forward_over_reverse_hessian_step, measure, no_phase
 from hf_adahessian import AdaHessian
 
 
@@ -63,3 +64,38 @@ def test_interleaved_rounds_in_shuffled_order_time_every_kind_once_a_round_in_ch
     order.clear()
     measure(kinds, warmup=0, repeats=2)
     assert order == ["a", "b", "c"] * 2, "unshuffled rounds keep the kinds' order"
+
+
+class _Kept(AdaHessian):
+    """Keeps the estimate's sums and the gradients that ``step()`` consumes."""
+
+    def step(self, closure=None):
+        self.kept_sums = [None if s is None else s.clone() for s in self._estimate.sums]
+        self.kept_grads = [p.grad.clone() for p in self.param_groups[0]["params"]]
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_forward_over_reverse_gives_the_exact_estimators_estimate_and_gradient(make_bert, block_size):
+    """The profiles' forward-over-reverse step measures the same estimate another way: with the same
+    probes, Hz from the tangent of the gradient equals Hz from the gradient of g·z."""
+    kept = []
+    for step in (exact_hessian_step, forward_over_reverse_hessian_step):
+        model = make_bert(seed=3).eval()
+        batch = {"input_ids": torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(1)),
+                 "labels": torch.tensor([0, 1, 1, 0])}
+        optimizer = _Kept(model.parameters(), lr=1e-3, seed=7, block_size=block_size)
+        loss = step(model, batch, optimizer)
+        kept.append((optimizer, loss, [p.detach().clone() for p in model.parameters()]))
+    (exact, exact_loss, exact_after), (fwd, fwd_loss, fwd_after) = kept
+    torch.testing.assert_close(fwd_loss, exact_loss)
+    assert sum(s is not None for s in exact.kept_sums) > 10
+    for a, b in zip(exact.kept_sums, fwd.kept_sums):
+        if a is None:  # no Hessian path: the forward-mode tangent is zero or absent
+            assert b is None or not b.any()
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(exact.kept_grads, fwd.kept_grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    for a, b in zip(exact_after, fwd_after):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
