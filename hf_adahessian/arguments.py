@@ -63,8 +63,10 @@ def _optimizer_keys() -> dict[str, tuple[Any, Any]]:
 
 
 # key -> (type, default).  The trainer's own keys: estimate the Hessian on this share of
-# each batch, and split a Hessian micro-batch into this many chunks for the double backward.
-TRAINER_KEYS: dict[str, tuple[Any, Any]] = {"hessian_batch_fraction": (float, 1.0), "hessian_chunks": (int, 1)}
+# each batch, and split a Hessian micro-batch into this many chunks for the double backward
+# (None, written "auto": the rule of ``chunking.py``).
+TRAINER_KEYS: dict[str, tuple[Any, Any]] = {"hessian_batch_fraction": (float, 1.0),
+                                            "hessian_chunks": (typing.Optional[int], None)}
 OPTIM_ARGS: dict[str, tuple[Any, Any]] = {**_optimizer_keys(), **TRAINER_KEYS}
 
 
@@ -74,7 +76,7 @@ class AdaHessianSettings:
 
     optimizer_items: tuple[tuple[str, Any], ...]
     hessian_batch_fraction: float = 1.0
-    hessian_chunks: int = 1
+    hessian_chunks: int | None = None  # None: auto
 
     @property
     def optimizer_kwargs(self) -> dict[str, Any]:
@@ -83,6 +85,8 @@ class AdaHessianSettings:
 
     def __str__(self) -> str:
         items = {**self.optimizer_kwargs, **{k: getattr(self, k) for k in TRAINER_KEYS}}
+        if items["hessian_chunks"] is None:
+            items["hessian_chunks"] = "auto"
         return ",".join(f"{k}={v}" for k, v in items.items())
 
 
@@ -174,10 +178,11 @@ def validate(settings: AdaHessianSettings, args: TrainingArguments) -> None:
                                         kw["hessian_warmup_interval"])
         fraction = settings.hessian_batch_fraction
         check("hessian_batch_fraction", 0.0 < fraction <= 1.0, fraction, "a number in (0, 1]")
-        check_int("hessian_chunks", settings.hessian_chunks)
+        if settings.hessian_chunks is not None:
+            check_int("hessian_chunks", settings.hessian_chunks)
     except HyperparameterError as err:
         raise SettingsError(_cli_message(err)) from None
-    if kw["hessian_estimator"] == "finite_difference" and settings.hessian_chunks > 1:
+    if kw["hessian_estimator"] == "finite_difference" and (settings.hessian_chunks or 1) > 1:
         raise SettingsError(
             "--optim_args: hessian_chunks applies to the exact estimator (whose double-backward graph it bounds); "
             "the finite-difference one keeps no graph: drop it."

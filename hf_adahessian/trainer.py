@@ -35,7 +35,7 @@ import torch
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from . import hessian_pass
+from . import chunking, hessian_pass
 from .arguments import is_adahessian, settings_of
 from .clipping import clip_grad_norm_measured_
 from .optimizer import AdaHessian
@@ -56,6 +56,7 @@ class AdaHessianTrainerMixin:
 
     _loss_normalisation_checked = False
     hessian_seconds = 0.0
+    _chunks_refused: str | None = None  # under hessian_chunks=auto: why not, "" for chunked; None: not asked yet
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -129,11 +130,26 @@ class AdaHessianTrainerMixin:
                 stock_step=super().training_step, accelerator=self.accelerator,
                 estimator=optimizer.hessian_estimator, fd_scheme=optimizer.fd_scheme,
                 relative_fd_step=optimizer.relative_fd_step(_COMPUTE_DTYPES.get(self.accelerator.mixed_precision)),
-                batch_fraction=settings.hessian_batch_fraction, chunks=settings.hessian_chunks,
+                batch_fraction=settings.hessian_batch_fraction, chunks=self._hessian_chunks(model, inputs),
                 count_items=self._count_items, last=self.accelerator.sync_gradients,
             )
         self.hessian_seconds += time.perf_counter() - start
         return loss
+
+    def _hessian_chunks(self, model, inputs) -> int:
+        """``hessian_chunks`` as given, or under ``auto`` the rule of ``chunking.py`` (why not, logged once)."""
+        chunks = settings_of(self.args).hessian_chunks
+        if chunks is not None:
+            return chunks
+        if self.adahessian.hessian_estimator != "exact" or settings_of(self.args).hessian_batch_fraction < 1.0:
+            return 1  # no double-backward graph to bound, or the Hessian's is the sub-batch's already
+        if self._chunks_refused is None:
+            reason = chunking.why_not_chunked(self, model)
+            self._chunks_refused = reason or ""
+            logger.info("hessian_chunks=auto: %s", f"each micro-batch whole ({reason})" if reason else
+                        f"the exact estimator's micro-batches of {chunking.AUTO_CHUNKS * chunking.MIN_ROWS_PER_CHUNK}"
+                        f" rows or more in {chunking.AUTO_CHUNKS} chunks (the loss is a mean over rows or tokens)")
+        return 1 if self._chunks_refused else chunking.auto_chunks(inputs)
 
     def _clip_grad_norm(self, model):
         optimizer = self.adahessian

@@ -20,7 +20,7 @@ from hf_adahessian import (
     AdaHessianTrainer,
     AdaHessianTrainingArguments,
 )
-from hf_adahessian.arguments import OPTIM_ARGS, is_adahessian
+from hf_adahessian.arguments import OPTIM_ARGS, is_adahessian, parse_optim_args
 from hf_adahessian.validation import AdaHessianUsageError
 
 ARG_CLASSES = [AdaHessianTrainingArguments, AdaHessianSeq2SeqTrainingArguments]
@@ -284,6 +284,19 @@ def test_optim_args_keys_are_the_constructors_arguments_plus_the_trainers():
            if name not in ("self", "params", "lr", "betas", "weight_decay", "seed")}
     assert {k: v[1] for k, v in OPTIM_ARGS.items() if k in own} == own
     assert set(OPTIM_ARGS) - set(own) == {"hessian_batch_fraction", "hessian_chunks"}
+
+
+@pytest.mark.parametrize("optim_args, chunks, shown", [
+    ("", None, "auto"), ("hessian_chunks=auto", None, "auto"), ("hessian_chunks=3", 3, "3"),
+    ("hessian_estimator=finite_difference", None, "auto"),
+])
+def test_hessian_chunks_default_to_auto_and_take_a_count(optim_args, chunks, shown):
+    """``auto`` (None) leaves the count to the trainer's rule (``chunking.py``), for either estimator;
+    the settings print it as it is written."""
+    settings = parse_optim_args(optim_args)
+    assert settings.hessian_chunks == chunks
+    assert f"hessian_chunks={shown}" in str(settings)
+    assert parse_optim_args(str(settings)) == settings
 
 
 def test_bad_optim_args_fail_on_the_command_line_too(tmp_path):

@@ -406,6 +406,117 @@ def test_hessian_chunks_keep_one_chunks_graph_alive_at_a_time(make_args, make_be
     assert events == ["forward", "accumulate"] * 4
 
 
+def _accumulations(monkeypatch, model) -> list[str]:
+    """The exact pass's forwards and accumulations, in order, as a list filled while the model trains."""
+    import hf_adahessian.estimate as estimate_module
+
+    events = []
+    accumulate = estimate_module.accumulate_exact
+
+    def spy(estimate, loss=None, **kwargs):
+        events.append("accumulate")
+        return accumulate(estimate, loss, **kwargs)
+
+    monkeypatch.setattr(estimate_module, "accumulate_exact", spy)
+    model.bert.embeddings.register_forward_hook(lambda *a: events.append("forward") if torch.is_grad_enabled() else None)
+    return events
+
+
+@pytest.mark.parametrize("batch_size, chunks", [(16, 4), (24, 4), (8, 1)])
+def test_hessian_chunks_auto_splits_a_stock_heads_micro_batch_of_16_rows_or_more_in_four(
+        batch_size, chunks, make_args, make_bert, make_dataset, monkeypatch, caplog):
+    """The default: a stock head's loss under the Trainer's compute_loss is a mean over rows, so four
+    chunks give its estimate and gradient, in AdamW's memory; below four rows a chunk the step stays
+    whole. The run is hessian_chunks=N's, bit for bit."""
+    import logging
+
+    runs = {}
+    for optim_args in ("", f"hessian_chunks={chunks}"):
+        model = make_bert()
+        events = _accumulations(monkeypatch, model)
+        with caplog.at_level(logging.INFO, logger="hf_adahessian.trainer"):
+            runs[optim_args] = train(model, make_args(max_steps=2, per_device_train_batch_size=batch_size,
+                                                      train_sampling_strategy="sequential", optim_args=optim_args),
+                                     make_dataset(48))
+        assert events == ["forward", "accumulate"] * chunks * 2
+    for a, b in zip(runs[""].model.parameters(), runs[f"hessian_chunks={chunks}"].model.parameters()):
+        assert torch.equal(a, b)
+    said = [r.getMessage() for r in caplog.records if "hessian_chunks=auto" in r.getMessage()]
+    assert len(said) == 1 and "in 4 chunks" in said[0]
+
+
+class _OwnLoss(AdaHessianTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, labels=None):
+        return self.inner(input_ids=input_ids, labels=labels)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("own compute_loss", "_OwnLoss computes its own loss"),
+    ("compute_loss_func", "compute_loss_func"),
+    ("label smoothing", "label-smoothed"),
+    ("not a transformers head", "_Wrapped is not a transformers head"),
+    ("BatchNorm", "BatchNorm1d"),
+    ("router loss", "router"),
+])
+def test_hessian_chunks_auto_keeps_the_micro_batch_whole_where_a_chunk_could_see_another_loss(
+        case, reason, make_args, make_bert, make_dataset, monkeypatch, caplog):
+    """Chunks are the whole batch's only for a loss that sums over rows: a custom loss, label smoothing,
+    an unknown model, batch statistics or a router's balance over the batch are left whole, and the
+    log says why."""
+    import logging
+
+    model = make_bert()
+    trainer_class, extra = AdaHessianTrainer, {}
+    args = dict(max_steps=1, per_device_train_batch_size=16)
+    if case == "own compute_loss":
+        trainer_class = _OwnLoss
+    elif case == "compute_loss_func":
+        extra["compute_loss_func"] = lambda outputs, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(
+            outputs.logits, labels)
+    elif case == "label smoothing":
+        args["label_smoothing_factor"] = 0.1
+    elif case == "BatchNorm":
+        model.bert.pooler.add_module("norm", torch.nn.BatchNorm1d(16))  # present, whatever it is used for
+    elif case == "router loss":
+        model.config.output_router_logits = True
+    events = _accumulations(monkeypatch, model)
+    if case == "not a transformers head":
+        model = _Wrapped(model)
+    with caplog.at_level(logging.INFO, logger="hf_adahessian.trainer"):
+        trainer = trainer_class(model=model, args=make_args(**args), train_dataset=make_dataset(16), **extra)
+        trainer.train()
+    assert events == ["forward", "accumulate"]
+    said = [r.getMessage() for r in caplog.records if "hessian_chunks=auto" in r.getMessage()]
+    assert len(said) == 1 and "whole" in said[0] and reason in said[0], said
+
+
+def test_hessian_chunks_auto_never_chunks_finite_differences(make_args, make_bert, make_dataset):
+    """The finite-difference estimator keeps no double-backward graph: auto is one pass per micro-batch,
+    where an explicit count is refused at start-up."""
+    calls = []
+    import hf_adahessian.hessian_pass as hessian_pass
+    original = hessian_pass.micro_batch
+
+    def spy(**kwargs):
+        calls.append(kwargs["chunks"])
+        return original(**kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hessian_pass, "micro_batch", spy)
+        train(make_bert(), make_args(max_steps=1, per_device_train_batch_size=16,
+                                     optim_args="hessian_estimator=finite_difference"), make_dataset(16))
+    assert calls == [1]
+
+
 # --------------------------------------------------------------------------- hessian_batch_fraction
 
 
