@@ -52,7 +52,7 @@ _SUFFIX = {
     "n_samples": lambda v: f"n{v}",
     "eps": lambda v: f"eps{v:g}",
     "hessian_estimator": lambda v: {"finite_difference": "fd"}.get(v, v),
-    "hessian_chunks": lambda v: f"c{v}",
+    "hessian_chunks": lambda v: "cauto" if v is None else f"c{v}",
     "hessian_warmup": lambda v: f"w{v}",
     "hessian_warmup_interval": lambda v: f"i{v}",
     "stale_guard": lambda v: "sg" if v else "nosg",

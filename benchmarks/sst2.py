@@ -60,6 +60,8 @@ OPTIMIZERS = specs.registry(
     # The exact full-batch estimate in four chunks: the estimate of adahessian_h1, in less memory.
     *(specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_chunks=chunks, note="adahessian_h1's estimate, in chunks")
       for chunks in (2, 4, 8, 16)),
+    # ... and as the trainer chooses by default (hessian_chunks=auto: 4 chunks for this head at batch 16).
+    specs.adahessian(1, 3e-2, HESSIAN_GRID, hessian_chunks=None, note="adahessian_h1's estimate, chunks by default"),
     # The lazy levers at the fine-tuning recipe's lr (measured in BENCHMARKS.md, "Lazy Hessians").
     specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, note="the recipe's lr"),
     specs.adahessian(10, 3e-2, HESSIAN_GRID, hessian_warmup=15, stale_guard=True, note="the recipe's lr"),
