@@ -12,8 +12,8 @@ what it can vouch for, and a micro-batch of at least ``AUTO_CHUNKS · MIN_ROWS_P
   32 and 64 (1.06×, 1.02×, 1.00× against 1.41×, 1.69×, 2.08× whole; BENCHMARKS.md);
 * the time: each chunk repeats the graph's operator calls, about 7 µs each on a CPU core, which
   rows amortise: 4 chunks cost 1.19× the whole step's time at 4 rows a chunk, 1.10× at 8,
-  0.96× at 16. Below 4 rows a chunk the calls would dominate, and a small micro-batch's
-  graph is small beside the parameters and the optimizer state anyway, so it stays whole.
+  0.96× at 16. Below 4 rows a chunk the calls would weigh more still (an extrapolation, not
+  measured), so a micro-batch of fewer than 16 rows stays whole.
 
 An explicit ``hessian_chunks=N`` is taken as given (the user vouches for the loss).
 """
