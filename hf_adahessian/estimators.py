@@ -68,6 +68,7 @@ def hessian_vector_products(
     vectors: Sequence[torch.Tensor],
     retain_graph: bool = False,
     seed_gradient: float = 1.0,
+    release_grads: bool = False,
 ) -> list[torch.Tensor | None]:
     """``seed_gradient`` · Hv for each parameter, differentiating ``sum(g·v)`` through the grads' graph.
 
@@ -75,9 +76,13 @@ def hessian_vector_products(
     the gradients do not depend on gets ``None`` (its Hessian block is zero).
     ``seed_gradient`` scales every cotangent of the second backward: under fp16
     it keeps that backward's intermediates in range when the first one ran at a
-    large loss scale.
+    large loss scale.  ``release_grads``: ``grads`` (a list) is emptied before the
+    second backward; the graph needs what made the gradients, not the gradients, so
+    whatever no one else holds is freed before the product's own tensors are made.
     """
     total = sum(_ProbeDot.apply(g, v) for g, v in zip(grads, vectors))
+    if release_grads:
+        grads.clear()
     seed = torch.full_like(total, seed_gradient)
     try:
         return list(torch.autograd.grad(total, list(params), grad_outputs=seed, retain_graph=retain_graph,
@@ -98,12 +103,13 @@ NO_DOUBLE_BACKWARD_MESSAGE = (
 
 
 def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: float, apply_probe: bool = True,
-                 rows: Sequence[RowLeaf] = (), row_grads: Sequence[torch.Tensor | None] = ()):
+                 rows: Sequence[RowLeaf] = (), row_grads: Sequence[torch.Tensor | None] = (), release: bool = False):
     """Σ_samples z ⊙ seed·Hz, one probe set at a time: {index: term} for the parameters with a Hessian
     path, and {k: term} for the row leaves ``rows[k]`` of embedding lookups (their rows of the probe).
 
     ``apply_probe=False`` (one sample only) leaves out the product by z: the terms are seed·Hz,
-    whose absolute value is the same.
+    whose absolute value is the same.  ``release``: ``grads`` and ``row_grads`` (lists) lose their
+    gradients before the last product, which then frees the ones no one else holds.
     """
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     live_rows = [k for k, g in enumerate(row_grads) if g is not None and g.requires_grad]
@@ -116,10 +122,16 @@ def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: f
         row_zs = [zs[r.param].index_select(0, r.index) if r.param in zs
                   else probes.draw_rows(r.param, params[r.param], r.index, sample)
                   for r in (rows[k] for k in live_rows)]
-        hvs = hessian_vector_products([grads[i] for i in live] + [row_grads[k] for k in live_rows],
-                                      [params[i] for i in live] + [rows[k].leaf for k in live_rows],
-                                      [zs[i] for i in live] + row_zs,
-                                      retain_graph=sample < n_samples - 1, seed_gradient=seed_gradient)
+        last = sample == n_samples - 1
+        outputs = [grads[i] for i in live] + [row_grads[k] for k in live_rows]
+        if release and last:
+            for i in live:
+                grads[i] = None
+            for k in live_rows:
+                row_grads[k] = None
+        hvs = hessian_vector_products(outputs, [params[i] for i in live] + [rows[k].leaf for k in live_rows],
+                                      [zs[i] for i in live] + row_zs, retain_graph=not last,
+                                      seed_gradient=seed_gradient, release_grads=release and last)
         targets = [(terms, i, zs[i]) for i in live] + [(row_terms, k, z) for k, z in zip(live_rows, row_zs)]
         for (out, key, z), hv in zip(targets, hvs):
             if hv is None:
@@ -186,6 +198,11 @@ def accumulate_exact(
     ``grads``, ``row_grads`` are theirs.  The estimate is stored unscaled; ``.grad``
     stays scaled for the GradScaler.  ``hessian_scale`` (≤ ``scale``) is the scale the
     second backward runs at.  The double-backward graph is released before this returns.
+
+    With ``add_grad`` the gradients go into ``.grad`` first and are let go before the
+    last Hessian-vector product: after a micro-batch or chunk that made ``.grad``, a
+    parameter-sized gradient less is alive during the second backward.  ``grads`` and
+    ``row_grads`` given as lists are taken over (their entries set to None) for that.
     """
     params = estimate.params
     if grads is None:
@@ -194,36 +211,45 @@ def accumulate_exact(
         grads, row_grads = gradients_with_graph(loss, params, rows)
     elif rows and row_grads is None:
         raise ValueError("accumulate with grads and rows needs row_grads, the row leaves' gradients.")
-    grads, row_grads = list(grads), list(row_grads or ())
+    grads = grads if isinstance(grads, list) else list(grads)
+    row_grads = row_grads if isinstance(row_grads, list) else list(row_grads or ())
     if len(grads) != len(params):
         raise ValueError(f"accumulate got {len(grads)} grads for {len(params)} trainable parameters.")
+    if add_grad:
+        _add_to_grad(estimate, grads, rows, row_grads)
     seed_gradient = 1.0 if hessian_scale is None else min(1.0, hessian_scale / scale)
     terms, row_terms = _exact_terms(grads, params, estimate.probes, estimate.n_samples, seed_gradient,
-                                    apply_probe=estimate.probe_applied, rows=rows, row_grads=row_grads)
+                                    apply_probe=estimate.probe_applied, rows=rows, row_grads=row_grads,
+                                    release=add_grad)
     factor = 1.0 / (estimate.n_samples * scale * seed_gradient)
     with torch.no_grad():
         for i, term in terms.items():
             estimate.add_(i, term.mul_(factor) if factor != 1.0 else term)
         for k, term in row_terms.items():
             estimate.add_rows_(rows[k].param, rows[k].index, term.mul_(factor) if factor != 1.0 else term)
-        if add_grad:
-            estimate.made_gradients = True
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                g = g.detach()
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
-            for r, g in zip(rows, row_grads):
-                if g is None:
-                    continue
-                p = params[r.param]
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.index_add_(0, r.index, g.detach())
     estimate.micro_batches += 1
+
+
+@torch.no_grad()
+def _add_to_grad(estimate: HessianEstimate, grads, rows: Sequence[RowLeaf], row_grads) -> None:
+    """The micro-batch's gradient into ``.grad``: the first one as it is, the next ones added."""
+    estimate.made_gradients = True
+    params = estimate.params
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        g = g.detach()
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+    for r, g in zip(rows, row_grads):
+        if g is None:
+            continue
+        p = params[r.param]
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.index_add_(0, r.index, g.detach())
 
 
 NO_PARAMETERS_MESSAGE = "AdaHessian has no trainable parameters: every parameter it was given has requires_grad=False."

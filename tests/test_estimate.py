@@ -432,3 +432,55 @@ def test_embedding_rows_no_token_used_have_an_estimate_of_exactly_zero():
     grads = _grads_with_graph(loss, [emb.weight])
     (est,) = hutchinson_diagonal(grads, [emb.weight], Probes(0))
     assert observed_rows(est.abs()).nonzero().flatten().tolist() == [1, 3, 5, 7]
+
+
+def test_a_micro_batchs_gradients_are_let_go_before_its_second_backward_and_add_up_as_before(monkeypatch):
+    """With two micro-batches, the second one's gradient goes into .grad before its Hessian-vector
+    product and nothing else holds it then (a parameter-sized tensor less alive in that backward);
+    .grad and the estimate are what adding afterwards gave, bit for bit."""
+    import weakref
+
+    from hf_adahessian import AdaHessian
+    from hf_adahessian import estimators
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(torch.randn(3))
+
+    def loss_of(rows):
+        return (torch.tanh(x[rows] @ w + b) ** 2).sum()
+
+    alive_in_second_backward, made = [], []
+    make = estimators.gradients_with_graph
+    backward = estimators._ProbeDot.backward
+
+    def recorded(loss, params, rows=()):
+        out = make(loss, params, rows)
+        made[:] = [weakref.ref(g) for g in out[0]]
+        return out
+
+    def probe_backward(ctx, grad_out):
+        alive_in_second_backward.append(sum(ref() is not None for ref in made))
+        return backward(ctx, grad_out)
+
+    monkeypatch.setattr(estimators, "gradients_with_graph", recorded)
+    monkeypatch.setattr(estimators._ProbeDot, "backward", staticmethod(probe_backward))
+    optimizer = AdaHessian([w, b], lr=0.1, seed=3)
+    estimate = optimizer.estimate()
+    for rows in (slice(0, 3), slice(3, 6)):
+        estimate.accumulate(loss_of(rows))
+    assert alive_in_second_backward and set(alive_in_second_backward) == {0}
+
+    # The same sums and .grad as adding each gradient after its product (the functional form, by hand).
+    grad_sum, est_sum = None, None
+    for rows in (slice(0, 3), slice(3, 6)):
+        grads = list(make(loss_of(rows), [w, b])[0])
+        terms = hutchinson_diagonal(grads, [w, b], Probes(3, 0))
+        grads = [g.detach() for g in grads]
+        grad_sum = grads if grad_sum is None else [a + g for a, g in zip(grad_sum, grads)]
+        est_sum = terms if est_sum is None else [a + t for a, t in zip(est_sum, terms)]
+    for p, g in zip((w, b), grad_sum):
+        assert torch.equal(p.grad, g)
+    for got, want in zip(estimate.terms(), est_sum):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

@@ -109,11 +109,14 @@ def run_glue(env, *args, check=True):
 def test_sst2_adahessian_train_eval_predict_then_resume(bert, data, env, tmp_path):
     out = tmp_path / "out"
     files = ["--train_file", data["sst2", "train"], "--validation_file", data["sst2", "validation"]]
-    run_glue(
+    first = run_glue(
         env, "--model_name_or_path", bert, "--task_name", "sst2", *files, "--test_file", data["sst2", "test"],
         "--do_train", "--do_eval", "--do_predict", "--max_steps", "4", "--save_steps", "2",
         "--output_dir", out, *COMMON, *adahessian(),
     )  # fmt: skip
+    # The library's own lines reach the script's log: the chunking chosen and the end-of-training summary.
+    assert "hessian_chunks=auto: the exact estimator's micro-batches of 16 rows or more in 4 chunks" in first.stdout
+    assert "AdaHessian: 4 optimizer steps, 4 Hessian estimates" in first.stdout
     for name in ("all_results.json", "eval_results.json", "train_results.json", "trainer_state.json", "README.md",
                  "config.json", "model.safetensors", "tokenizer.json", "checkpoint-2", "checkpoint-4"):  # fmt: skip
         assert (out / name).exists(), name

@@ -105,6 +105,8 @@ def setup_logging(logger: logging.Logger, training_args) -> None:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    # The library's own lines (the chunking chosen, the end-of-training summary) at the scripts' level too.
+    logging.getLogger("hf_adahessian").setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
