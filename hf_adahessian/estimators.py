@@ -108,8 +108,8 @@ def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: f
     path, and {k: term} for the row leaves ``rows[k]`` of embedding lookups (their rows of the probe).
 
     ``apply_probe=False`` (one sample only) leaves out the product by z: the terms are seed·Hz,
-    whose absolute value is the same.  ``release``: ``grads`` and ``row_grads`` (lists) lose their
-    gradients before the last product, which then frees the ones no one else holds.
+    whose absolute value is the same.  ``release``: ``grads`` (a list) loses its gradients before
+    the last product, which then frees the ones no one else holds.
     """
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     live_rows = [k for k, g in enumerate(row_grads) if g is not None and g.requires_grad]
@@ -127,8 +127,6 @@ def _exact_terms(grads, params, probes: Probes, n_samples: int, seed_gradient: f
         if release and last:
             for i in live:
                 grads[i] = None
-            for k in live_rows:
-                row_grads[k] = None
         hvs = hessian_vector_products(outputs, [params[i] for i in live] + [rows[k].leaf for k in live_rows],
                                       [zs[i] for i in live] + row_zs, retain_graph=not last,
                                       seed_gradient=seed_gradient, release_grads=release and last)
@@ -199,10 +197,12 @@ def accumulate_exact(
     stays scaled for the GradScaler.  ``hessian_scale`` (≤ ``scale``) is the scale the
     second backward runs at.  The double-backward graph is released before this returns.
 
-    With ``add_grad`` the gradients go into ``.grad`` first and are let go before the
-    last Hessian-vector product: after a micro-batch or chunk that made ``.grad``, a
-    parameter-sized gradient less is alive during the second backward.  ``grads`` and
-    ``row_grads`` given as lists are taken over (their entries set to None) for that.
+    With ``add_grad`` the parameters' gradients go into ``.grad`` first and are let go
+    before the last Hessian-vector product: after a micro-batch or chunk that made
+    ``.grad``, a parameter-sized gradient less is alive during the second backward
+    (``grads`` given as a list is taken over, its entries set to None, for that).  The
+    row leaves' gradients, a few rows each, go in afterwards: the first one makes an
+    embedding-sized ``.grad``, better made once the second backward's tensors are gone.
     """
     params = estimate.params
     if grads is None:
@@ -216,7 +216,7 @@ def accumulate_exact(
     if len(grads) != len(params):
         raise ValueError(f"accumulate got {len(grads)} grads for {len(params)} trainable parameters.")
     if add_grad:
-        _add_to_grad(estimate, grads, rows, row_grads)
+        _add_to_grad(estimate, grads)
     seed_gradient = 1.0 if hessian_scale is None else min(1.0, hessian_scale / scale)
     terms, row_terms = _exact_terms(grads, params, estimate.probes, estimate.n_samples, seed_gradient,
                                     apply_probe=estimate.probe_applied, rows=rows, row_grads=row_grads,
@@ -227,15 +227,22 @@ def accumulate_exact(
             estimate.add_(i, term.mul_(factor) if factor != 1.0 else term)
         for k, term in row_terms.items():
             estimate.add_rows_(rows[k].param, rows[k].index, term.mul_(factor) if factor != 1.0 else term)
+        if add_grad:
+            for r, g in zip(rows, row_grads):
+                if g is None:
+                    continue
+                p = estimate.params[r.param]
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.index_add_(0, r.index, g.detach())
     estimate.micro_batches += 1
 
 
 @torch.no_grad()
-def _add_to_grad(estimate: HessianEstimate, grads, rows: Sequence[RowLeaf], row_grads) -> None:
+def _add_to_grad(estimate: HessianEstimate, grads) -> None:
     """The micro-batch's gradient into ``.grad``: the first one as it is, the next ones added."""
     estimate.made_gradients = True
-    params = estimate.params
-    for p, g in zip(params, grads):
+    for p, g in zip(estimate.params, grads):
         if g is None:
             continue
         g = g.detach()
@@ -243,13 +250,6 @@ def _add_to_grad(estimate: HessianEstimate, grads, rows: Sequence[RowLeaf], row_
             p.grad = g
         else:
             p.grad.add_(g)
-    for r, g in zip(rows, row_grads):
-        if g is None:
-            continue
-        p = params[r.param]
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.index_add_(0, r.index, g.detach())
 
 
 NO_PARAMETERS_MESSAGE = "AdaHessian has no trainable parameters: every parameter it was given has requires_grad=False."
