@@ -345,9 +345,10 @@ def from_scratch_registry(adamw_lr: float, adamw_grid, lr: float, grid, sophia_l
         adahessian(1, lr, grid, block_size=32, note=h1_note),
         adahessian(10, lr, grid, block_size=32, note=followed),
         adahessian(1, lr, grid, block_size=32, hessian_estimator="finite_difference", note=followed),
-        # adahessian_h1_b32's estimate in chunks: the exact estimate in bounded memory.
+        # adahessian_h1_b32's estimate in chunks: the exact estimate in bounded memory (None: the trainer's
+        # default, hessian_chunks=auto).
         *(adahessian(1, lr, grid, block_size=32, hessian_chunks=chunks, note="adahessian_h1_b32's estimate, in chunks")
-          for chunks in (4, 8)),
+          for chunks in (4, 8, None)),
         # The Hessian on 1/16 of each batch every step, by forward differences, and exactly.
         adahessian(1, lr, grid, block_size=32, hessian_batch_fraction=0.0625, hessian_estimator="finite_difference",
                    note=followed),
