@@ -383,29 +383,6 @@ def test_hessian_chunks_give_the_whole_micro_batchs_estimate_and_gradient(model_
     torch.testing.assert_close(logged(runs[4]), logged(runs[1]), rtol=1e-5, atol=1e-6)
 
 
-def test_hessian_chunks_keep_one_chunks_graph_alive_at_a_time(make_args, make_bert, make_dataset, monkeypatch):
-    """Each chunk's double backward is done (its graph freed) before the next chunk's forward."""
-    import hf_adahessian.estimators as estimators
-
-    events = []
-    accumulate = estimators.accumulate_exact
-
-    def spy(estimate, loss=None, **kwargs):
-        events.append("accumulate")
-        return accumulate(estimate, loss, **kwargs)
-
-    monkeypatch.setattr(estimators, "accumulate_exact", spy)
-    import hf_adahessian.estimate as estimate_module
-    monkeypatch.setattr(estimate_module, "accumulate_exact", spy)
-    model = make_bert()
-    model.bert.embeddings.register_forward_hook(lambda *a: events.append("forward") if torch.is_grad_enabled() else None)
-    trainer = AdaHessianTrainer(model=model, args=make_args(max_steps=1, per_device_train_batch_size=16,
-                                                            optim_args="hessian_chunks=4"),
-                                train_dataset=make_dataset(16))
-    trainer.train()
-    assert events == ["forward", "accumulate"] * 4
-
-
 def _accumulations(monkeypatch, model) -> list[str]:
     """The exact pass's forwards and accumulations, in order, as a list filled while the model trains."""
     import hf_adahessian.estimate as estimate_module
@@ -420,6 +397,17 @@ def _accumulations(monkeypatch, model) -> list[str]:
     monkeypatch.setattr(estimate_module, "accumulate_exact", spy)
     model.bert.embeddings.register_forward_hook(lambda *a: events.append("forward") if torch.is_grad_enabled() else None)
     return events
+
+
+def test_hessian_chunks_keep_one_chunks_graph_alive_at_a_time(make_args, make_bert, make_dataset, monkeypatch):
+    """Each chunk's double backward is done (its graph freed) before the next chunk's forward."""
+    model = make_bert()
+    events = _accumulations(monkeypatch, model)
+    trainer = AdaHessianTrainer(model=model, args=make_args(max_steps=1, per_device_train_batch_size=16,
+                                                            optim_args="hessian_chunks=4"),
+                                train_dataset=make_dataset(16))
+    trainer.train()
+    assert events == ["forward", "accumulate"] * 4
 
 
 @pytest.mark.parametrize("batch_size, chunks", [(16, 4), (24, 4), (8, 1)])
