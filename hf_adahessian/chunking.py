@@ -71,7 +71,7 @@ def why_not_chunked(trainer, model: torch.nn.Module) -> str | None:
     if trainer.label_smoother is not None:
         return "the loss is label-smoothed by the Trainer"
     inner = _inner_model(model)
-    # FSDP2 and PEFT subclass the model's class; any class of its MRO names the head.
+    # FSDP2 swaps in a subclass of the model's class: any class of its MRO names the head.
     heads = _per_row_head_names()
     head = next((c.__name__ for c in type(inner).__mro__ if c.__name__ in heads), None)
     if head is None:

@@ -8,7 +8,8 @@ Only these differ from the stock Trainer, and only with ``--optim adahessian``:
   (``hessian_pass.micro_batch``), which runs the Trainer's own step (its loss, its
   scaling for accumulation and ``num_items_in_batch``, accelerate's backward) for
   the chosen estimator (under FSDP2, with each micro-batch's gradients reduced into the
-  shards); other steps are the Trainer's, untouched;
+  shards; under ``hessian_chunks=auto``, in the chunks ``chunking.py`` allows); other steps
+  are the Trainer's, untouched;
 * ``compute_loss`` marks the loss for the Hessian pass while one is running;
 * the first step checks whether the model's loss really uses ``num_items_in_batch``
   (transformers 5 assumes so for any forward with ``**kwargs``, and would otherwise
@@ -138,10 +139,10 @@ class AdaHessianTrainerMixin:
 
     def _hessian_chunks(self, model, inputs) -> int:
         """``hessian_chunks`` as given, or under ``auto`` the rule of ``chunking.py`` (why not, logged once)."""
-        chunks = settings_of(self.args).hessian_chunks
-        if chunks is not None:
-            return chunks
-        if self.adahessian.hessian_estimator != "exact" or settings_of(self.args).hessian_batch_fraction < 1.0:
+        settings = settings_of(self.args)
+        if settings.hessian_chunks is not None:
+            return settings.hessian_chunks
+        if self.adahessian.hessian_estimator != "exact" or settings.hessian_batch_fraction < 1.0:
             return 1  # no double-backward graph to bound, or the Hessian's is the sub-batch's already
         if self._chunks_refused is None:
             reason = chunking.why_not_chunked(self, model)
