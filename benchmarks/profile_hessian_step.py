@@ -109,12 +109,12 @@ def step_kinds(batch: dict, estimators: list[str], fd_scheme: str, peers: bool) 
         if estimator == "exact":
             kinds[f"{HESSIAN_STEP[estimator]} in {CHUNKS} chunks"] = (
                 lambda phase, m=m, opt=opt: chunked_hessian_step(m, batch, opt, CHUNKS, phase))
+            passes, count = chunk_parameter_passes(m)
+            kinds[f"one chunk's parameter passes ({count / 1e6:.1f}M parameters outside embeddings)"] = passes
             m, p = minilm_for_training()
             opt = AdaHessian(p, hessian_interval=1, hessian_estimator=estimator, **ADAHESSIAN)
             kinds[FORWARD_OVER_REVERSE] = (
                 lambda phase, m=m, opt=opt: forward_over_reverse_hessian_step(m, batch, opt, phase))
-            passes, count = chunk_parameter_passes(m)
-            kinds[f"one chunk's parameter passes ({count / 1e6:.1f}M parameters outside embeddings)"] = passes
         else:
             kinds[f"{HESSIAN_STEP[estimator]}, 1/16 of the batch"] = (
                 lambda phase, m=m, opt=opt: fd_sub_batch_hessian_step(m, batch, opt, 1 / 16, phase))

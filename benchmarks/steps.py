@@ -38,6 +38,7 @@ from hf_adahessian.estimators import fd_epsilon, gradients_with_graph
 from hf_adahessian.hessian_pass import (chunk_sizes, double_backward_ready, mark, perturbed_pass, same_dropout_masks,
                                        split_batch)
 from hf_adahessian.lookups import compact_lookups
+from hf_adahessian.probes import estimate_dtype
 
 Phase = Callable[[str], ContextManager]
 MAX_GRAD_NORM = 1.0  # the Trainer's default clipping
@@ -188,13 +189,12 @@ def forward_over_reverse_hessian_step(model, batch: dict, optimizer, phase: Phas
                 primal, tangent = fwAD.unpack_dual(g)
                 p.grad = primal.detach()
                 if tangent is not None:
-                    estimate.add_(i, tangent.to(torch.float32))
+                    estimate.add_(i, tangent.to(estimate_dtype(tangent)))
             estimate.made_gradients = True
             estimate.micro_batches += 1
             del grads
     value = fwAD.unpack_dual(loss).primal.detach()
-    del loss, primals
-    del estimate
+    del loss, primals, estimate
     finish_step(optimizer, params, phase)
     return value
 

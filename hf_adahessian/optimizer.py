@@ -895,8 +895,10 @@ def adahessian(
         # slice of rows at a time, each slice's denominator made into the v the kernel reads.
         between = [i for i in range(len(params)) if hessian_diags[i] is None and hessian_steps[i] > 0
                    and fusable(params[i], exp_avgs[i], exp_hessian_diag_sqs[i])]
-        plain = [i for i in between if row_counts[i] is None and not isinstance(denominator_scales[i], torch.Tensor)]
-        rowwise = [i for i in between if i not in plain]
+        plain, rowwise = [], []
+        for i in between:
+            tensor_wide = row_counts[i] is None and not isinstance(denominator_scales[i], torch.Tensor)
+            (plain if tensor_wide else rowwise).append(i)
         if plain:
             fused_plain_update_(
                 *_subsets((params, grads, exp_avgs, exp_hessian_diag_sqs, steps), plain),
